@@ -1,0 +1,385 @@
+"""
+The whole Image GPT model (Chen et al. 2020, "Generative Pretraining from Pixels") in one file.
+
+An image is n_px*n_px palette indices in raster order. The network is GPT-2 with the original's changes:
+a norm that does not subtract the mean (gain only), x*sigmoid(1.702x), no biases, a learned start-of-sequence
+vector `sos` in front of the shifted token embeddings, and an untied, zero-initialised output head `wtet`.
+Position i reads [sos, x_0, ..., x_{i-1}] and predicts x_i.
+
+    model = IGPT(IGPTConfig.preset("s"))
+    logits, loss = model(tokens)                     # tokens: [B, n_px*n_px] int64, loss in nats per token
+    tokens = generate(model, num_samples=8)          # KV-cached sampling
+    feats = model.features(tokens, layers=[12])      # linear-probe features, [B, 1, n_embd]
+
+Also here: the checkpoint format (`save_checkpoint`, `IGPT.from_checkpoint`), `configure_optimizers` and
+`estimate_mfu` as in nanoGPT.
+"""
+import inspect
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {  # the released models: n_embd, n_head, n_layer (76M, 455M, 1.4B parameters)
+    "s": dict(n_embd=512, n_head=8, n_layer=24),
+    "m": dict(n_embd=1024, n_head=8, n_layer=36),
+    "l": dict(n_embd=1536, n_head=16, n_layer=48),
+}
+
+
+@dataclass
+class IGPTConfig:
+    n_px: int = 32        # images are n_px x n_px, so sequences are n_px**2 tokens long
+    n_vocab: int = 512    # palette size
+    n_embd: int = 512
+    n_head: int = 8
+    n_layer: int = 24
+    n_classes: int = 0    # > 0 adds the fine-tuning classifier on the mean-pooled final features
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    @property
+    def block_size(self) -> int:
+        return self.n_px * self.n_px
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "IGPTConfig":
+        """A released size ("s", "m", "l") with any field overridden, e.g. preset("s", n_px=48)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+class Norm(nn.Module):
+    """The original's norm: x * rsqrt(mean(x^2) + eps) * g. No mean subtraction, no bias."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.g, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: IGPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache = None  # a KVCache while generating
+
+    def forward(self, x, input_pos=None, kv_len=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Decoding: attend to the first kv_len cached positions, masked to those at or before input_pos.
+            k, v = self.kv_cache.update(input_pos, k, v)
+            kv_len = kv_len or k.size(2)
+            mask = input_pos[:, None] >= torch.arange(kv_len, device=x.device)
+            y = F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len], attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: IGPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        return self.c_proj(h * torch.sigmoid(1.702 * h))  # the original's sigmoid approximation of GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config: IGPTConfig):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = Norm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, input_pos=None, kv_len=None):
+        x = x + self.attn(self.ln_1(x), input_pos, kv_len)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position generated so far, in fixed buffers so a decode step has static shapes."""
+
+    def __init__(self, batch_size, n_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class IGPT(nn.Module):
+    def __init__(self, config: IGPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.n_vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.sos = nn.Parameter(torch.empty(config.n_embd))
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = Norm(config.n_embd)
+        self.wtet = nn.Linear(config.n_embd, config.n_vocab, bias=False)  # untied output head
+        self.clf = nn.Linear(config.n_embd, config.n_classes, bias=False) if config.n_classes else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The original initialisation: normal with these standard deviations, output heads at zero."""
+        d, n_layer = self.config.n_embd, self.config.n_layer
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        nn.init.normal_(self.sos, std=0.02)
+        for block in self.h:
+            nn.init.normal_(block.attn.c_attn.weight, std=1 / math.sqrt(d))
+            nn.init.normal_(block.attn.c_proj.weight, std=1 / math.sqrt(d * n_layer))
+            nn.init.normal_(block.mlp.c_fc.weight, std=0.02)
+            nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+            block.ln_1.g.fill_(1.0)
+            block.ln_2.g.fill_(1.0)
+        self.ln_f.g.fill_(1.0)
+        nn.init.zeros_(self.wtet.weight)
+        if self.clf is not None:
+            nn.init.zeros_(self.clf.weight)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, tokens):
+        """Inputs to the first block: [sos, wte[x_0], ..., wte[x_{T-2}]] + wpe, so position i predicts x_i."""
+        B, T = tokens.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.block_size}")
+        h = torch.cat([self.sos.expand(B, 1, -1), self.wte(tokens[:, :-1])], dim=1)
+        return h + self.wpe.weight[:T]
+
+    def hidden(self, tokens):
+        """Final normalised hidden states [B, T, n_embd]."""
+        h = self.embed(tokens)
+        for block in self.h:
+            h = block(h)
+        return self.ln_f(h)
+
+    def forward(self, tokens):
+        """logits [B, T, n_vocab] where position i predicts tokens[:, i], and the mean loss in nats per token."""
+        logits = self.wtet(self.hidden(tokens))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        return logits, loss
+
+    def classify(self, tokens):
+        """Fine-tuning: class logits from the mean-pooled final features, and the generative loss beside them."""
+        if self.clf is None:
+            raise ValueError("this model has no classifier: build it with IGPTConfig(n_classes=...)")
+        h = self.hidden(tokens)
+        gen_loss = F.cross_entropy(self.wtet(h).float().flatten(0, 1), tokens.flatten())
+        return self.clf(h.mean(dim=1)).float(), gen_loss
+
+    @torch.no_grad()
+    def features(self, tokens, layers):
+        """Linear-probe features: the residual stream after each block in `layers` (1 = after the first block),
+        normalised by the mean-free norm without its gain and averaged over positions. Returns
+        float32 [B, len(layers), n_embd], all from one forward pass that stops at the deepest layer asked for."""
+        if not layers or min(layers) < 1 or max(layers) > self.config.n_layer:
+            raise ValueError(f"layers must lie in 1..{self.config.n_layer}, got {list(layers)}")
+        wanted, out = set(layers), {}
+        h = self.embed(tokens)
+        for i, block in enumerate(self.h[: max(layers)], start=1):
+            h = block(h)
+            if i in wanted:
+                out[i] = F.rms_norm(h.float(), (h.size(-1),), eps=self.ln_f.eps).mean(dim=1)
+        return torch.stack([out[i] for i in layers], dim=1)
+
+    # ---- generation: a static KV cache and a one-token step, in the style of gpt-fast ----
+
+    def setup_kv_cache(self, batch_size, dtype=None):
+        """Allocate a KV cache for batch_size sequences of block_size tokens (None frees it)."""
+        c = self.config
+        for block in self.h:
+            block.attn.kv_cache = None if batch_size is None else KVCache(
+                batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
+                dtype or self.wte.weight.dtype, self.wte.weight.device)
+
+    def prefill(self, tokens):
+        """Fill the cache with positions 0..P for the known tokens x_0..x_{P-1} ([B, P], P may be 0) and return
+        the logits [B, n_vocab] for x_P."""
+        B, P = tokens.shape
+        h = self.embed(F.pad(tokens, (0, 1)))  # the padding token is never read: it would be the input at P+1
+        return self._decode(h, torch.arange(P + 1, device=h.device))[:, -1]
+
+    def decode_step(self, token, input_pos, kv_len=None):
+        """One cached step: token [B] is x_{p-1} at position p = input_pos (a [1] tensor, p >= 1); returns logits
+        [B, n_vocab] for x_p. Only the first kv_len (>= p + 1) cache positions are read."""
+        h = self.wte(token)[:, None] + self.wpe(input_pos)
+        return self._decode(h, input_pos, kv_len)[:, -1]
+
+    def _decode(self, h, input_pos, kv_len=None):
+        for block in self.h:
+            h = block(h, input_pos, kv_len)
+        return self.wtet(self.ln_f(h)).float()
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """Load a model saved by save_checkpoint (or train.py). The palette, when the file has one, is set as
+        `model.palette` (float32 [n_vocab, 3] in [-1, 1]), else None."""
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(IGPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        model.palette = ckpt.get("palette")
+        return model
+
+    # ---- training helpers, as in nanoGPT ----
+
+    def configure_optimizers(self, learning_rate, betas=(0.9, 0.95), weight_decay=0.0, device_type="cpu"):
+        """AdamW; weight decay (none in the paper's recipe) only on matrices, never on gains, sos or embeddings
+        of positions; fused on CUDA."""
+        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2 and n != "wpe.weight"]
+        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and not any(p is q for q in decay)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token: 6 per parameter plus the attention scores."""
+        c = self.config
+        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, images_per_second, peak_flops=989e12):
+        """Model FLOPs utilisation against a peak rate (default: H100 SXM dense bf16)."""
+        return self.flops_per_token() * self.config.block_size * images_per_second / peak_flops
+
+
+# ---- sampling ----
+
+def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None):
+    """Draw one token per row of logits [B, V] with the Gumbel-max trick, using the given uniform noise [B, V].
+
+    Taking the noise as an argument keeps the draw a pure function: a compiled decode step never touches the
+    random generator, and cached and uncached generation draw exactly the same tokens from the same noise."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -float("inf"))
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def _decode_and_sample(model, token, input_pos, uniform, temperature, top_k, top_p, kv_len):
+    logits = model.decode_step(token, input_pos, kv_len)
+    return sample_from_logits(logits, uniform, temperature, top_k, top_p)
+
+
+_compiled_step = None
+
+
+def _compiled_decode_and_sample():
+    global _compiled_step
+    if _compiled_step is None:  # one compile per process; CUDA graphs remove the per-kernel launch cost
+        _compiled_step = torch.compile(_decode_and_sample, mode="reduce-overhead", fullgraph=True)
+    return _compiled_step
+
+
+@torch.no_grad()
+def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+             compile=False, kv_bucket=None, progress=None):
+    """Sample images as tokens [B, n_px*n_px] (int64) with a KV cache.
+
+    prime: optional [B, P] tokens to keep and continue (completions); else num_samples unconditional images.
+    generator: the torch.Generator (on the model's device) that draws all noise up front, so one seed gives the
+    same images on one device. compile: run the one-token step through torch.compile with CUDA graphs (GPU).
+    kv_bucket: read only the first multiple of kv_bucket cache positions that covers the prefix, instead of all
+    of them (less memory traffic; each bucket size is one more compiled graph). progress: called as
+    progress(done, total) after each token."""
+    device = model.wte.weight.device
+    T = model.config.block_size
+    if prime is None:
+        if not num_samples:
+            raise ValueError("give num_samples or prime")
+        prime = torch.zeros(num_samples, 0, dtype=torch.long, device=device)
+    prime = prime.to(device=device, dtype=torch.long)
+    B, P = prime.shape
+    if P >= T:
+        raise ValueError(f"prime has {P} tokens; it must be shorter than the {T} of an image")
+    noise = torch.rand(T - P, B, model.config.n_vocab, generator=generator, device=device)
+    tokens = torch.cat([prime, torch.zeros(B, T - P, dtype=torch.long, device=device)], dim=1)
+    positions = torch.arange(T, device=device)
+    step = _compiled_decode_and_sample() if compile else _decode_and_sample
+    model.setup_kv_cache(B)
+    try:
+        tokens[:, P] = sample_from_logits(model.prefill(prime), noise[0], temperature, top_k, top_p)
+        for i in range(P + 1, T):
+            kv_len = min(T, -(-(i + 1) // kv_bucket) * kv_bucket) if kv_bucket else None
+            tokens[:, i] = step(model, tokens[:, i - 1], positions[i:i + 1], noise[i - P], temperature, top_k,
+                                top_p, kv_len)
+            if progress is not None:
+                progress(i + 1, T)
+    finally:
+        model.setup_kv_cache(None)
+    return tokens
+
+
+# ---- the checkpoint format: a .pt holding {"config": dict, "model": state_dict, "palette": tensor | None, ...} ----
+
+def save_checkpoint(path, model=None, palette=None, **extra):
+    """Write a checkpoint atomically (temp file in the same folder, then rename), so an interrupted write never
+    leaves a broken file in place of a good one. extra entries (optimizer state, step, ...) are stored beside."""
+    obj = dict(extra)
+    if model is not None:
+        model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+        obj["config"] = asdict(model.config)
+        obj["model"] = model.state_dict()
+    if palette is not None:
+        obj["palette"] = torch.as_tensor(palette, dtype=torch.float32)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by save_checkpoint, with weights_only=True (no code runs from the file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}; for the original TF release run convert.py first")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable igpt checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path!r} is not an igpt checkpoint: it lacks 'config' and 'model' "
+                         "(an original TF checkpoint needs convert.py)")
+    known = {f.name for f in fields(IGPTConfig)}
+    unknown = set(ckpt["config"]) - known
+    if unknown:
+        raise ValueError(f"{path!r} has config fields this version does not know: {sorted(unknown)}")
+    return ckpt

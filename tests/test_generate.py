@@ -1,0 +1,93 @@
+"""KV-cached generation: it must compute exactly what the full forward computes."""
+import pytest
+import torch
+
+from igpt import generate, sample_from_logits
+from tiny import tiny_model, tokens
+
+
+def naive_generate(model, noise, prime, **kw):
+    """The original's sampler: a full forward over the whole sequence for every new token, no cache."""
+    B, P = prime.shape
+    T = model.config.block_size
+    x = torch.cat([prime, torch.zeros(B, T - P, dtype=torch.long)], 1)
+    for i in range(P, T):
+        logits = model(x)[0][:, i]
+        x[:, i] = sample_from_logits(logits, noise[i - P], **kw)
+    return x
+
+
+def test_cached_step_logits_equal_the_full_forward_at_every_position():
+    model, x = tiny_model(), tokens()
+    full = model(x)[0]
+    T = x.shape[1]
+    model.setup_kv_cache(x.shape[0])
+    got = [model.prefill(x[:, :0])]
+    for i in range(1, T):
+        got.append(model.decode_step(x[:, i - 1], torch.tensor([i])))
+    model.setup_kv_cache(None)
+    torch.testing.assert_close(torch.stack(got, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_then_steps_equal_the_full_forward():
+    model, x = tiny_model(), tokens()
+    full = model(x)[0]
+    model.setup_kv_cache(x.shape[0])
+    first = model.prefill(x[:, :5])
+    nxt = model.decode_step(x[:, 5], torch.tensor([6]), kv_len=8)
+    model.setup_kv_cache(None)
+    torch.testing.assert_close(first, full[:, 5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt, full[:, 6], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(kv_bucket=4)])
+def test_cached_generation_draws_exactly_the_naive_tokens(kw):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    got = generate(model, num_samples=4, generator=g, **kw)
+    noise = torch.rand(16, 4, 16, generator=torch.Generator().manual_seed(3))
+    kw.pop("kv_bucket", None)
+    expected = naive_generate(model, noise, torch.zeros(4, 0, dtype=torch.long), **kw)
+    assert torch.equal(got, expected)
+
+
+def test_completions_keep_the_primed_tokens_and_match_naive():
+    model, x = tiny_model(), tokens(batch=2)
+    g = torch.Generator().manual_seed(5)
+    got = generate(model, prime=x[:, :6], generator=g)
+    assert torch.equal(got[:, :6], x[:, :6])
+    noise = torch.rand(10, 2, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, naive_generate(model, noise, x[:, :6]))
+
+
+def test_same_seed_same_images_and_other_seed_other_images():
+    model = tiny_model()
+    a = generate(model, num_samples=3, generator=torch.Generator().manual_seed(0))
+    b = generate(model, num_samples=3, generator=torch.Generator().manual_seed(0))
+    c = generate(model, num_samples=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(5, 16)
+    u = torch.rand(5, 16)
+    assert torch.equal(sample_from_logits(logits, u, top_k=1), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_from_logits(logits, torch.rand(1, 4), top_p=0.75).item() for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_gumbel_max_draws_follow_the_softmax():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from_logits(logits, torch.rand(20000, 3, generator=g))
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
+
+
+def test_prime_as_long_as_the_image_is_an_error():
+    with pytest.raises(ValueError, match="shorter than"):
+        generate(tiny_model(), prime=tokens(batch=1))

@@ -1,0 +1,169 @@
+"""The model's behaviour: shapes, the sos shift, causality, the loss, initialisation, checkpoints."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt import IGPT, IGPTConfig, load_checkpoint, save_checkpoint
+from tiny import TINY, tiny_model, tokens
+
+def reference_logits(model, x):
+    """The original's math written out with explicit einsums and no torch modules."""
+    c = model.config
+    d, H = c.n_embd, c.n_head
+
+    def norm(h, g):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+
+    B, T = x.shape
+    h = torch.cat([model.sos.expand(B, 1, d), model.wte.weight[x[:, :-1]]], 1) + model.wpe.weight[:T]
+    mask = torch.ones(T, T).tril().bool()
+    for blk in model.h:
+        a = norm(h, blk.ln_1.g)
+        wq, wk, wv = blk.attn.c_attn.weight.view(3, H, d // H, d)
+        q, k, v = (torch.einsum("bsf,hef->bhse", a, w) for w in (wq, wk, wv))
+        w = (q @ k.transpose(-1, -2)) / math.sqrt(d // H)
+        w = torch.where(mask, w, torch.tensor(-1e10)).softmax(-1)
+        y = torch.einsum("bhse,fhe->bsf", w @ v, blk.attn.c_proj.weight.view(d, H, d // H))
+        h = h + y
+        m = norm(h, blk.ln_2.g) @ blk.mlp.c_fc.weight.T
+        h = h + (m * torch.sigmoid(1.702 * m)) @ blk.mlp.c_proj.weight.T
+    return norm(h, model.ln_f.g) @ model.wtet.weight.T
+
+
+def test_presets_have_the_released_sizes():
+    counts = {name: IGPT(IGPTConfig.preset(name, n_layer=1)).config for name in "sml"}
+    assert (counts["s"].n_embd, counts["s"].n_head) == (512, 8)
+    assert IGPTConfig.preset("m").n_layer == 36 and IGPTConfig.preset("l").n_head == 16
+    n_s = IGPT(IGPTConfig.preset("s")).get_num_params()
+    assert 75e6 < n_s < 78e6  # "76M"
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="choose one of"):
+        IGPTConfig.preset("xl")
+
+
+def test_logits_match_the_original_math_written_out():
+    model, x = tiny_model(), tokens()
+    logits, _ = model(x)
+    torch.testing.assert_close(logits, reference_logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_first_position_sees_only_sos():
+    model = tiny_model()
+    a, b = tokens(seed=1), tokens(seed=2)
+    torch.testing.assert_close(model(a)[0][:, 0], model(b)[0][:, 0])
+    assert not torch.allclose(model(a)[0][:, 1], model(b)[0][:, 1])
+
+
+def test_changing_token_j_leaves_positions_up_to_j_unchanged():
+    model, x = tiny_model(), tokens()
+    j = 7
+    y = x.clone()
+    y[:, j] = (y[:, j] + 1) % 16
+    la, lb = model(x)[0], model(y)[0]
+    torch.testing.assert_close(la[:, : j + 1], lb[:, : j + 1])
+    assert not torch.allclose(la[:, j + 1], lb[:, j + 1])
+
+
+def test_loss_is_mean_cross_entropy_in_nats():
+    model, x = tiny_model(), tokens()
+    logits, loss = model(x)
+    logp = logits.log_softmax(-1)
+    expected = -logp.gather(-1, x[..., None]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_fresh_model_predicts_uniform_because_the_head_starts_at_zero():
+    model = IGPT(IGPTConfig(**TINY))
+    _, loss = model(tokens())
+    assert loss.item() == pytest.approx(math.log(16), abs=1e-6)
+
+
+def test_initialisation_scales_follow_the_original():
+    torch.manual_seed(0)
+    c = IGPTConfig(n_px=16, n_vocab=512, n_embd=256, n_head=4, n_layer=4)
+    m = IGPT(c)
+    assert m.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.wpe.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert m.h[0].attn.c_attn.weight.std().item() == pytest.approx(1 / 16, rel=0.05)
+    assert m.h[0].attn.c_proj.weight.std().item() == pytest.approx(1 / 32, rel=0.05)
+    assert m.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert not any(isinstance(mod, torch.nn.Linear) and mod.bias is not None for mod in m.modules())
+
+
+def test_classify_pools_the_final_features():
+    model = tiny_model(n_classes=3)
+    x = tokens()
+    clf_logits, gen_loss = model.classify(x)
+    expected = model.hidden(x).mean(1) @ model.clf.weight.T
+    torch.testing.assert_close(clf_logits, expected)
+    torch.testing.assert_close(gen_loss, model(x)[1])
+
+
+def test_features_are_gainless_norm_of_the_residual_stream_averaged_over_positions():
+    model, x = tiny_model(), tokens()
+    h = model.embed(x)
+    expected = []
+    for block in model.h:
+        h = block(h)
+        expected.append((h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).mean(1))
+    feats = model.features(x, layers=[2, 1])
+    torch.testing.assert_close(feats[:, 0], expected[1])
+    torch.testing.assert_close(feats[:, 1], expected[0])
+
+
+def test_features_reject_layers_out_of_range():
+    with pytest.raises(ValueError, match="1..2"):
+        tiny_model().features(tokens(), layers=[3])
+
+
+def test_checkpoint_round_trip_keeps_weights_and_palette(tmp_path):
+    model = tiny_model()
+    palette = torch.rand(16, 3) * 2 - 1
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, palette=palette)
+    loaded = IGPT.from_checkpoint(path)
+    torch.testing.assert_close(loaded(tokens())[0], model(tokens())[0])
+    torch.testing.assert_close(loaded.palette, palette)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable igpt checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="convert.py"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, tiny_model(seed=0))
+    before = path.read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, tiny_model(seed=1))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_mfu_counts_six_flops_per_parameter_plus_attention():
+    model = IGPT(IGPTConfig.preset("s"))
+    n = model.get_num_params()
+    per_image = (6 * n + 12 * 24 * 512 * 1024) * 1024
+    assert model.estimate_mfu(576) == pytest.approx(per_image * 576 / 989e12)
+    assert 0.35 < model.estimate_mfu(576) < 0.37  # the anchor: a plain compiled model, 576 images/s, 36%
