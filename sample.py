@@ -1,0 +1,139 @@
+"""
+Sample images from an iGPT checkpoint into a PNG grid (and the raw tokens as .npy).
+
+    python sample.py --ckpt igpt_s.pt                                   # 16 unconditional samples
+    python sample.py --ckpt igpt_s.pt --prime photos/ --prime_rows 16   # complete the bottom halves, 4 each
+    python sample.py --ckpt out/ckpt.pt --prime data/cifar10_teX.npy --num_prime 8 --out completions
+
+An unconditional grid is samples in rows; a completion grid has a row per primed image: the kept top rows, then
+the completions, then the original. Generation uses a static KV cache and, on a GPU, a compiled one-token step
+replayed as a CUDA graph (igpt.generate). The same --seed gives the same images on the same device.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from igpt import IGPT, generate
+from quantize import decode, encode, load_images, load_palette, save_grid
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint (ours, or an original converted by convert.py)")
+    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]); default: the checkpoint's")
+    p.add_argument("--out", default="samples", help="writes OUT.png (the grid) and OUT.npy (the tokens)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="images to sample; with --prime, completions per primed image (default 16, or 4 with --prime)")
+    p.add_argument("--prime", default="", help="images to complete: an image file, a folder, a .zip, or a token "
+                                               ".npy file such as data/cifar10_teX.npy")
+    p.add_argument("--num_prime", type=int, default=8, help="how many images of --prime to complete (the first ones)")
+    p.add_argument("--prime_rows", type=int, default=None, help="rows of each primed image kept (default n_px/2)")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest colours only")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set holding p")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="on GPU (CPU: float32)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="compiled step (auto: GPU)")
+    p.add_argument("--kv_bucket", type=int, default=128,
+                   help="read the KV cache in multiples of this many positions (0: the whole cache every step)")
+    p.add_argument("--scale", type=int, default=4, help="pixel size of the grid images")
+    p.add_argument("--force", action="store_true", help="overwrite existing OUT.png / OUT.npy")
+    return p.parse_args(argv)
+
+
+def load_prime(source, palette, n_px, n_vocab, count):
+    """Up to `count` images to complete, as tokens [N, n_px*n_px] (from image files or a token .npy)."""
+    if source.endswith(".npy"):
+        if not os.path.isfile(source):
+            raise SystemExit(f"--prime {source!r}: no such file")
+        tokens = np.load(source, mmap_mode="r")
+        if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
+            raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
+                             f"{n_px}x{n_px} model, got {tokens.dtype} {list(tokens.shape)}")
+        tokens = np.asarray(tokens[:count], dtype=np.int64)
+        if tokens.size and (tokens.max() >= n_vocab or tokens.min() < 0):
+            raise SystemExit(f"--prime {source!r}: token values must lie in 0..{n_vocab - 1}")
+        return tokens
+    images, _, _ = load_images(source, n_px)
+    return encode(images[:count], palette).astype(np.int64)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    png, npy = args.out + ".png", args.out + ".npy"
+    for path in (png, npy):
+        if os.path.exists(path) and not args.force:
+            raise SystemExit(f"{path} exists: choose another --out or pass --force to overwrite it")
+
+    model = IGPT.from_checkpoint(args.ckpt)
+    palette = load_palette(args.palette) if args.palette else model.palette
+    if palette is None:
+        raise SystemExit(f"{args.ckpt} holds no palette: give one with --palette kmeans_centers.npy")
+    palette = np.asarray(palette, dtype=np.float32)
+    n_px, n_vocab = model.config.n_px, model.config.n_vocab
+    if palette.shape != (n_vocab, 3):
+        raise SystemExit(f"the palette has shape {list(palette.shape)} but the model needs [{n_vocab}, 3]")
+
+    dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    compile_step = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    if args.prime:
+        prime_rows = n_px // 2 if args.prime_rows is None else args.prime_rows
+        if not 0 < prime_rows < n_px:
+            raise SystemExit(f"--prime_rows must lie in 1..{n_px - 1}")
+        originals = load_prime(args.prime, palette, n_px, n_vocab, args.num_prime)
+        per_image = args.num_samples or 4
+        prime = torch.from_numpy(np.repeat(originals[:, :prime_rows * n_px], per_image, axis=0))
+        total = len(prime)
+    else:
+        per_image, prime, total = None, None, args.num_samples or 16
+
+    print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, compiled step: {compile_step})")
+    t0 = time.time()
+    chunks = []
+    for start in range(0, total, args.batch_size):
+        n = min(args.batch_size, total - start)
+
+        def progress(done, of, start=start):
+            if done % max(1, of // 20) == 0 or done == of:
+                sys.stderr.write(f"\r  images {start + 1}-{start + n} of {total}: token {done}/{of}, "
+                                 f"{time.time() - t0:.1f}s")
+                sys.stderr.flush()
+
+        chunks.append(generate(model, num_samples=n, prime=None if prime is None else prime[start:start + n],
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               generator=generator, compile=compile_step, kv_bucket=args.kv_bucket or None,
+                               progress=progress).cpu())
+    sys.stderr.write("\n")
+    tokens = torch.cat(chunks).numpy().astype(np.uint16)
+    elapsed = time.time() - t0
+    print(f"{total} images in {elapsed:.1f}s ({total / elapsed:.2f} images/s, compile time included)")
+
+    images = decode(tokens, palette)
+    if prime is None:
+        cols = math.ceil(math.sqrt(total))
+        grid = np.zeros((math.ceil(total / cols) * cols, n_px, n_px, 3), dtype=np.uint8)
+        grid[:total] = images
+        grid = grid.reshape(-1, cols, n_px, n_px, 3)
+    else:
+        kept = decode(originals, palette)
+        kept[:, prime_rows:] = 128  # grey where the model has to fill in
+        completions = images.reshape(len(originals), per_image, n_px, n_px, 3)
+        grid = np.concatenate([kept[:, None], completions, decode(originals, palette)[:, None]], axis=1)
+    save_grid(grid, png, scale=args.scale)
+    np.save(npy, tokens)
+    print(f"wrote {png} and {npy}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

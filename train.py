@@ -1,0 +1,424 @@
+"""
+Train iGPT on token files (as written by quantize.py, or the original release's), on the CPU, one GPU, or many
+GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
+
+    python train.py --data data/cifar10 --model s                       # one GPU (or the CPU)
+    torchrun --nproc_per_node=8 train.py --data data/cifar10            # DDP on 8 GPUs
+    python train.py --config config/cifar10.py --max_steps 5000         # a file of overrides, then flags
+    python train.py --resume --out_dir out                              # continue exactly where it stopped
+    python train.py --eval_only --init_from igpt_s.pt --data downloads/imagenet --eval_split te
+    python train.py --init_from igpt_s.pt --clf --data data/cifar10     # fine-tune: classifier + generative loss
+
+Every option, its default and its meaning: python train.py --help. A config file holds `name = value` lines
+(Python literals), read without running any code.
+"""
+import argparse
+import ast
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from igpt import IGPT, PRESETS, IGPTConfig, load_checkpoint, save_checkpoint
+from quantize import find_palette, load_palette, load_tokens
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: str = "data/shapes"       # token files prefix: {data}_trX.npy, {data}_vaX.npy (quantize.py writes them)
+    out_dir: str = "out"            # ckpt.pt and log.jsonl go here
+    palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
+    flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
+    # model
+    model: str = "s"                # size preset: s, m, l
+    n_layer: int = 0                # > 0 overrides the preset
+    n_embd: int = 0
+    n_head: int = 0
+    init_from: str = ""             # start from this checkpoint's weights (ours or converted originals)
+    clf: bool = False               # fine-tune: classifier on mean-pooled final features + generative loss
+    gen_weight: float = 1.0         # with --clf, loss = clf_loss + gen_weight * gen_loss
+    # optimisation: the paper's recipe (Adam 0.9/0.95, no weight decay, warmup then cosine to 0)
+    batch_size: int = 64            # images per optimizer step, over all GPUs and accumulation steps
+    micro_batch_size: int = 32      # images per forward pass on one GPU
+    max_steps: int = 10000
+    learning_rate: float = 3e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables
+    # evaluation, logging, checkpoints
+    eval_interval: int = 1000       # steps between validation passes (and checkpoints)
+    eval_images: int = 0            # images of the split per evaluation; 0 means all of it
+    eval_split: str = "va"          # split that evaluation reads: va (validation) or te (test)
+    eval_only: bool = False         # evaluate --init_from (or the --resume checkpoint) and exit
+    log_interval: int = 10
+    resume: bool = False            # continue from {out_dir}/ckpt.pt
+    force: bool = False             # start over even though {out_dir} holds a checkpoint
+    # system
+    device: str = "auto"            # auto, cpu, cuda, cuda:N
+    dtype: str = "bfloat16"         # autocast dtype on GPU: bfloat16 or float32 (the CPU always uses float32)
+    compile: str = "auto"           # torch.compile: auto (on for GPU), on, off
+    seed: int = 1337
+
+
+def parse_config(argv=None):
+    """TrainConfig from defaults, then a --config file of overrides, then command-line flags. Also returns the
+    names given explicitly, so --resume can take the rest from the checkpoint."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", help="file of `name = value` overrides (default: none)")
+    comments = _field_comments()
+    for f in fields(TrainConfig):
+        help_text = f"{comments.get(f.name, '')} (default: {f.default!r})"
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, help=help_text)
+    args = vars(parser.parse_args(argv))
+    overrides = read_config_file(args.pop("config")) if args.get("config") else {}
+    given = {**overrides, **args}
+    return TrainConfig(**given), set(given)
+
+
+def _field_comments():
+    """The `# comment` after each TrainConfig field, shown by --help."""
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, comment = line.strip().partition("#")
+        if ":" in name and comment:
+            out[name.split(":")[0].strip()] = comment.strip()
+    return out
+
+
+def read_config_file(path):
+    """`name = value` lines with Python literal values; blank lines and # comments allowed."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"config file {path!r} not found")
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for lineno, line in enumerate(open(path), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, eq, value = (s.strip() for s in line.partition("="))
+        if not eq or name not in known:
+            raise SystemExit(f"{path}:{lineno}: expected `name = value` with a name from train.py --help, "
+                             f"got {line!r}")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"{path}:{lineno}: {value!r} is not a Python literal (quote strings)")
+    return out
+
+
+# ---- data ----
+
+def check_tokens(X, name, n_vocab, block_size=None):
+    """Fail clearly on token files that do not fit the model: wrong length or values outside the palette."""
+    if block_size is not None and X.shape[1] != block_size:
+        raise SystemExit(f"{name}: images are {X.shape[1]} tokens long but the model expects {block_size} "
+                         f"(n_px={math.isqrt(block_size)}); quantize the data at the model's n_px")
+    hi, lo = int(X.max()), int(X.min())
+    if hi >= n_vocab or lo < 0:
+        raise SystemExit(f"{name}: token values span {lo}..{hi} but the palette has {n_vocab} colours "
+                         "(0..{}); were these files made with another palette?".format(n_vocab - 1))
+
+
+class Batches:
+    """Global batches of image indices: each epoch a permutation seeded by (seed, epoch), taken in order.
+    The position (epoch, cursor) is all the state there is, so a resumed run sees the same batches."""
+
+    def __init__(self, n, batch_size, seed, epoch=0, cursor=0):
+        if n < batch_size:
+            raise SystemExit(f"the training split has {n} images, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.epoch, self.cursor = n, batch_size, seed, epoch, cursor
+
+    def next(self):
+        if self.cursor + self.batch_size > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        batch = perm[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return batch
+
+    def state(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+def get_micro_batch(X, indices, n_px, flip_mask, device):
+    """Tokens for these images as int64 on the device, rows reversed where flip_mask is set."""
+    order = np.argsort(indices)  # sorted reads are kinder to a memory map
+    x = np.empty((len(indices), X.shape[1]), dtype=np.int64)
+    x[order] = X[indices[order]]
+    if flip_mask is not None and flip_mask.any():
+        x[flip_mask] = x[flip_mask].reshape(-1, n_px, n_px)[:, :, ::-1].reshape(-1, n_px * n_px)
+    x = torch.from_numpy(x)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
+# ---- model ----
+
+def build_model(cfg, n_px, n_vocab, n_classes):
+    """A fresh model from the preset (and overrides), or the --init_from checkpoint's weights."""
+    if cfg.init_from:
+        ckpt = load_checkpoint(cfg.init_from)
+        mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"]})
+        if mconf.n_px != n_px:
+            raise SystemExit(f"{cfg.init_from} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
+                             f"{n_px}x{n_px}")
+        model = IGPT(mconf)
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        new_head = {"clf.weight"} if cfg.clf else set()
+        if set(missing) - new_head or unexpected:
+            raise SystemExit(f"{cfg.init_from}: weights do not fit the model (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return model, ckpt.get("palette")
+    if cfg.model not in PRESETS:
+        raise SystemExit(f"--model {cfg.model!r} is not one of {sorted(PRESETS)}")
+    sizes = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
+    return IGPT(IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, **sizes)), None
+
+
+def lr_at(step, cfg):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, max_images=0):
+    """Mean generative loss in nats per token over the split (this rank's share, summed over ranks), and the
+    classification accuracy when the model has a classifier and labels are given."""
+    model.eval()
+    n = len(X) if not max_images else min(max_images, len(X))
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
+    for start in range(rank * micro_batch_size, n, world * micro_batch_size):
+        idx = np.arange(start, min(start + micro_batch_size, n))
+        x = get_micro_batch(X, idx, 0, None, device)
+        with autocast:
+            if model.clf is not None and Y is not None:
+                clf_logits, loss = model.classify(x)
+                y = torch.as_tensor(np.asarray(Y[idx]), device=device)
+                loss_sum[1] += (clf_logits.argmax(-1) == y).sum()
+            else:
+                loss = model(x)[1]
+        loss_sum[0] += loss.double() * len(idx)
+        loss_sum[2] += len(idx)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    model.train()
+    loss, correct, count = loss_sum.tolist()
+    return loss / count, (correct / count if model.clf is not None and Y is not None else None)
+
+
+# ---- the run ----
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world, device) under torchrun, else a single process."""
+    if "RANK" in os.environ:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), \
+            int(os.environ["WORLD_SIZE"])
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return rank, local_rank, world, device
+    if cfg.device == "auto":
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 0, 1, torch.device(cfg.device)
+
+
+def main(argv=None):
+    cfg, given = parse_config(argv)
+    rank, local_rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    resume_state = None
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        resume_state = load_checkpoint(ckpt_path)
+        saved = resume_state.get("train_config", {})
+        # the run continues under its saved options, except those set again now (e.g. a larger --max_steps)
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
+    elif not cfg.eval_only and os.path.exists(ckpt_path) and not cfg.force:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --force to start over "
+                         "(the old checkpoint is replaced only when the new run writes its first one)")
+
+    # data
+    X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
+    X_va, Y_va = load_tokens(cfg.data, cfg.eval_split)
+    n_px = math.isqrt(X_va.shape[1])
+    if n_px * n_px != X_va.shape[1]:
+        raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
+    palette_path = cfg.palette or find_palette(cfg.data)
+    palette = torch.from_numpy(load_palette(palette_path)) if palette_path else None
+    n_vocab = len(palette) if palette is not None else 512
+    if cfg.clf:
+        if Y_tr is None and not cfg.eval_only:
+            raise SystemExit(f"--clf needs labels: {cfg.data}_trY.npy is missing")
+        n_classes = int(max(Y_tr.max() if Y_tr is not None else 0, Y_va.max() if Y_va is not None else 0)) + 1
+    else:
+        n_classes = 0
+
+    # model
+    torch.manual_seed(cfg.seed)
+    if cfg.eval_only and not cfg.init_from:
+        if resume_state is None:
+            raise SystemExit("--eval_only needs --init_from CHECKPOINT (or --resume)")
+        cfg.init_from = ckpt_path
+    model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes)
+    if palette is None and ckpt_palette is not None:
+        palette = ckpt_palette
+    n_vocab = model.config.n_vocab
+    for name, X in [(f"{cfg.data}_trX.npy", X_tr), (f"{cfg.data}_{cfg.eval_split}X.npy", X_va)]:
+        if X is not None:
+            check_tokens(X, name, n_vocab, model.config.block_size)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+    model.to(device)
+    log(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config}")
+
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and amp_dtype != torch.float32 else nullcontext()
+    do_compile = cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)
+    if cfg.micro_batch_size <= 0 or cfg.batch_size % (cfg.micro_batch_size * world):
+        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} x {world} processes")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+
+    if cfg.eval_only:
+        loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
+                             cfg.eval_images)
+        log(f"{cfg.eval_split} loss {loss:.4f} nats per token" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        if world > 1:
+            dist.destroy_process_group()
+        return {"loss": loss, "accuracy": acc}
+
+    optimizer = model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                                           device.type)
+    step, batches = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = resume_state["step"]
+        batches = Batches(len(X_tr), cfg.batch_size, cfg.seed, **resume_state["data_position"])
+        torch.set_rng_state(resume_state["rng"]["cpu"])
+        if use_cuda and "cuda" in resume_state["rng"]:
+            torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    raw_model = model
+    if do_compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    forward_model = model.module if world > 1 else model  # for classify(), which DDP does not wrap
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        keep = []  # after a resume, drop log lines of steps the checkpoint did not keep
+        if resume_state is not None and os.path.exists(log_path):
+            keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+        with open(log_path, "w") as f:
+            f.writelines(keep)
+
+    def write_log(record):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step):
+        if master:
+            rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
+            save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), step=step,
+                            data_position=batches.state(), rng=rng, train_config=asdict(cfg))
+
+    log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
+        f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
+    model.train()
+    t0, images_since = time.time(), 0
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batches.next()
+        flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
+        loss_acc = torch.zeros((), device=device)
+        for micro in range(accum):
+            part = slice((micro * world + rank) * cfg.micro_batch_size,
+                         (micro * world + rank + 1) * cfg.micro_batch_size)
+            x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
+            sync = micro == accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                if cfg.clf:
+                    y = torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device)
+                    clf_logits, gen_loss = forward_model.classify(x)
+                    loss = F.cross_entropy(clf_logits, y) + cfg.gen_weight * gen_loss
+                else:
+                    loss = model(x)[1]
+                (loss / accum).backward()
+            loss_acc += loss.detach() / accum
+        if world > 1:
+            dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+        loss_value = loss_acc.item()
+        if not math.isfinite(loss_value):
+            # stop before the optimizer applies it: the last checkpoint stays the last good state
+            raise SystemExit(f"step {step}: the loss is {loss_value}; stopping without updating the weights. "
+                             f"The last good checkpoint is {ckpt_path} (if one was written): resume from it with "
+                             "a lower --learning_rate or a smaller --grad_clip")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        images_since += cfg.batch_size
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = time.time() - t0
+            ips = images_since / dt
+            record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips,
+                      "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time()}
+            log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s"
+                + (f", mfu {100 * record['mfu']:.1f}%" if use_cuda else ""), flush=True)
+            write_log(record)
+            t0, images_since = time.time(), 0
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_loss, acc = evaluate(raw_model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
+                                     cfg.eval_images)
+            log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+            write_log({"step": step, f"{cfg.eval_split}_loss": val_loss,
+                       **({"accuracy": acc} if acc is not None else {})})
+            save(step)
+            t0, images_since = time.time(), 0
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
