@@ -76,17 +76,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.kv_cache = None  # a KVCache while generating
 
-    def forward(self, x, input_pos=None, kv_len=None):
+    def forward(self, x, input_pos=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if self.kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # Decoding: attend to the first kv_len cached positions, masked to those at or before input_pos.
+        else:  # generating: attend to the cached positions up to each query's own
             k, v = self.kv_cache.update(input_pos, k, v)
-            kv_len = kv_len or k.size(2)
-            mask = input_pos[:, None] >= torch.arange(kv_len, device=x.device)
-            y = F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len], attn_mask=mask)
+            if T == 1 and q.is_cuda and triton is not None:
+                y = decode_attention(q.contiguous(), k, v, input_pos)
+            else:
+                mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -109,8 +110,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, kv_len=None):
-        x = x + self.attn(self.ln_1(x), input_pos, kv_len)
+    def forward(self, x, input_pos=None):
+        x = x + self.attn(self.ln_1(x), input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -124,8 +125,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
         return self.k, self.v
 
 
@@ -225,15 +226,15 @@ class IGPT(nn.Module):
         h = self.embed(F.pad(tokens, (0, 1)))  # the padding token is never read: it would be the input at P+1
         return self._decode(h, torch.arange(P + 1, device=h.device))[:, -1]
 
-    def decode_step(self, token, input_pos, kv_len=None):
-        """One cached step: token [B] is x_{p-1} at position p = input_pos (a [1] tensor, p >= 1); returns logits
-        [B, n_vocab] for x_p. Only the first kv_len (>= p + 1) cache positions are read."""
+    def decode_step(self, token, input_pos):
+        """One cached step: token [B] is x_{p-1} at position p = input_pos (a [1] tensor on the model's device,
+        p >= 1); returns logits [B, n_vocab] for x_p."""
         h = self.wte(token)[:, None] + self.wpe(input_pos)
-        return self._decode(h, input_pos, kv_len)[:, -1]
+        return self._decode(h, input_pos)[:, -1]
 
-    def _decode(self, h, input_pos, kv_len=None):
+    def _decode(self, h, input_pos):
         for block in self.h:
-            h = block(h, input_pos, kv_len)
+            h = block(h, input_pos)
         return self.wtet(self.ln_f(h)).float()
 
     @classmethod
@@ -267,6 +268,77 @@ class IGPT(nn.Module):
         return self.flops_per_token() * self.config.block_size * images_per_second / peak_flops
 
 
+# ---- decode attention on the GPU: one query per sequence against its cached prefix, split over the positions ----
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the decode step uses scaled_dot_product_attention with a mask
+    triton = None
+
+DECODE_SPLIT = 64  # cache positions per program: many programs keep all SMs busy even for one image
+
+if triton is not None:
+    @triton.jit
+    def _decode_attention_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, max_ptr, sum_ptr, max_len, n_splits, scale,
+                                HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr):
+        # One program: one (sequence, head) and SPLIT cache positions, of which only those <= pos are read.
+        # Its softmax is left unnormalised, with its max and sum, for the combine kernel.
+        bh, split = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, HEAD_DIM)
+        n = split * SPLIT + tl.arange(0, SPLIT)
+        valid = n <= pos
+        q = tl.load(q_ptr + bh * HEAD_DIM + d).to(tl.float32) * scale
+        offsets = bh * max_len * HEAD_DIM + n[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # masked rows are not read
+        s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
+        m = tl.max(s, 0)
+        p = tl.where(valid, tl.exp(s - m), 0.0)
+        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        out = bh * n_splits + split
+        tl.store(acc_ptr + out * HEAD_DIM + d, tl.sum(p[:, None] * v, 0))
+        tl.store(max_ptr + out, m)  # -inf for a split wholly after pos: it gets weight 0 below
+        tl.store(sum_ptr + out, tl.sum(p, 0))
+
+    @triton.jit
+    def _decode_attention_combine(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr,
+                                  SPLITS: tl.constexpr):
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        present = s < n_splits
+        m = tl.load(max_ptr + bh * n_splits + s, mask=present, other=float("-inf"))
+        w = tl.exp(m - tl.max(m, 0))  # split 0 always holds position 0, so the max is finite
+        total = tl.sum(tl.load(sum_ptr + bh * n_splits + s, mask=present, other=0.0) * w, 0)
+        acc = tl.load(acc_ptr + (bh * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=present[:, None],
+                      other=0.0)
+        tl.store(out_ptr + bh * HEAD_DIM + d, (tl.sum(acc * w[:, None], 0) / total).to(out_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("igpt::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for one query q [B, H, 1, D] over cache positions 0..pos of k, v [B, H, T, D],
+    with pos a [1] tensor read on the device: no host synchronisation and one shape for every step, so the step
+    is captured once as a CUDA graph, and only the filled part of the cache is read (flash-decoding)."""
+    B, H, _, D = q.shape
+    n_splits = triton.cdiv(k.size(2), DECODE_SPLIT)
+    acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(B * H, n_splits, dtype=torch.float32, device=q.device)
+    sums = torch.empty_like(maxes)
+    _decode_attention_split[(B * H, n_splits)](q, k, v, pos, acc, maxes, sums, k.size(2), n_splits, D ** -0.5,
+                                               HEAD_DIM=D, SPLIT=DECODE_SPLIT)
+    out = torch.empty_like(q)
+    _decode_attention_combine[(B * H,)](acc, maxes, sums, out, n_splits, HEAD_DIM=D,
+                                        SPLITS=triton.next_power_of_2(n_splits))
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, pos):
+    return torch.empty_like(q)
+
+
 # ---- sampling ----
 
 def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None):
@@ -287,8 +359,8 @@ def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None)
     return torch.argmax(logits + gumbel, dim=-1)
 
 
-def _decode_and_sample(model, token, input_pos, uniform, temperature, top_k, top_p, kv_len):
-    logits = model.decode_step(token, input_pos, kv_len)
+def _decode_and_sample(model, token, input_pos, uniform, temperature, top_k, top_p):
+    logits = model.decode_step(token, input_pos)
     return sample_from_logits(logits, uniform, temperature, top_k, top_p)
 
 
@@ -304,15 +376,13 @@ def _compiled_decode_and_sample():
 
 @torch.no_grad()
 def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-             compile=False, kv_bucket=None, progress=None):
+             compile=False, progress=None):
     """Sample images as tokens [B, n_px*n_px] (int64) with a KV cache.
 
     prime: optional [B, P] tokens to keep and continue (completions); else num_samples unconditional images.
     generator: the torch.Generator (on the model's device) that draws all noise up front, so one seed gives the
-    same images on one device. compile: run the one-token step through torch.compile with CUDA graphs (GPU).
-    kv_bucket: read only the first multiple of kv_bucket cache positions that covers the prefix, instead of all
-    of them (less memory traffic; each bucket size is one more compiled graph). progress: called as
-    progress(done, total) after each token."""
+    same images on one device. compile: run the one-token step through torch.compile with CUDA graphs (GPU),
+    so a step is one graph replay with no host synchronisation. progress: called as progress(done, total)."""
     device = model.wte.weight.device
     T = model.config.block_size
     if prime is None:
@@ -331,9 +401,7 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
     try:
         tokens[:, P] = sample_from_logits(model.prefill(prime), noise[0], temperature, top_k, top_p)
         for i in range(P + 1, T):
-            kv_len = min(T, -(-(i + 1) // kv_bucket) * kv_bucket) if kv_bucket else None
-            tokens[:, i] = step(model, tokens[:, i - 1], positions[i:i + 1], noise[i - P], temperature, top_k,
-                                top_p, kv_len)
+            tokens[:, i] = step(model, tokens[:, i - 1], positions[i:i + 1], noise[i - P], temperature, top_k, top_p)
             if progress is not None:
                 progress(i + 1, T)
     finally:

@@ -41,8 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="on GPU (CPU: float32)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="compiled step (auto: GPU)")
-    p.add_argument("--kv_bucket", type=int, default=128,
-                   help="read the KV cache in multiples of this many positions (0: the whole cache every step)")
     p.add_argument("--scale", type=int, default=4, help="pixel size of the grid images")
     p.add_argument("--force", action="store_true", help="overwrite existing OUT.png / OUT.npy")
     return p.parse_args(argv)
@@ -112,7 +110,7 @@ def main(argv=None):
 
         chunks.append(generate(model, num_samples=n, prime=None if prime is None else prime[start:start + n],
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               generator=generator, compile=compile_step, kv_bucket=args.kv_bucket or None,
+                               generator=generator, compile=compile_step,
                                progress=progress).cpu())
     sys.stderr.write("\n")
     tokens = torch.cat(chunks).numpy().astype(np.uint16)

@@ -88,7 +88,8 @@ def parse_config(argv=None):
         else:
             parser.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, help=help_text)
     args = vars(parser.parse_args(argv))
-    overrides = read_config_file(args.pop("config")) if args.get("config") else {}
+    config_file = args.pop("config")
+    overrides = read_config_file(config_file) if config_file else {}
     given = {**overrides, **args}
     return TrainConfig(**given), set(given)
 
@@ -298,7 +299,7 @@ def main(argv=None):
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     model.to(device)
-    log(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config}")
+    log(f"model: {model.get_num_params():,} parameters, {model.config}")
 
     use_cuda = device.type == "cuda"
     if use_cuda:

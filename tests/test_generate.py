@@ -1,4 +1,8 @@
 """KV-cached generation: it must compute exactly what the full forward computes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -34,19 +38,18 @@ def test_prefill_then_steps_equal_the_full_forward():
     full = model(x)[0]
     model.setup_kv_cache(x.shape[0])
     first = model.prefill(x[:, :5])
-    nxt = model.decode_step(x[:, 5], torch.tensor([6]), kv_len=8)
+    nxt = model.decode_step(x[:, 5], torch.tensor([6]))
     model.setup_kv_cache(None)
     torch.testing.assert_close(first, full[:, 5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nxt, full[:, 6], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(kv_bucket=4)])
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)])
 def test_cached_generation_draws_exactly_the_naive_tokens(kw):
     model = tiny_model()
     g = torch.Generator().manual_seed(3)
     got = generate(model, num_samples=4, generator=g, **kw)
     noise = torch.rand(16, 4, 16, generator=torch.Generator().manual_seed(3))
-    kw.pop("kv_bucket", None)
     expected = naive_generate(model, noise, torch.zeros(4, 0, dtype=torch.long), **kw)
     assert torch.equal(got, expected)
 
@@ -91,3 +94,28 @@ def test_gumbel_max_draws_follow_the_softmax():
 def test_prime_as_long_as_the_image_is_an_error():
     with pytest.raises(ValueError, match="shorter than"):
         generate(tiny_model(), prime=tokens(batch=1))
+
+
+KERNEL_CHECK = """
+import torch, igpt
+torch.manual_seed(0)
+for B, H, T, D in [(2, 3, 130, 16), (1, 2, 64, 32)]:
+    k, v = torch.randn(2, B, H, T, D)
+    q = torch.randn(B, H, 1, D)
+    for p in [0, 1, 63, 64, T - 1]:
+        pos = torch.tensor([p])
+        got = igpt.decode_attention(q, k, v, pos)
+        ref = torch.softmax((q @ k[:, :, : p + 1].transpose(-1, -2)) / D ** 0.5, -1) @ v[:, :, : p + 1]
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (B, H, T, D, p, (got - ref).abs().max())
+print("ok")
+"""
+
+
+def test_gpu_decode_kernel_equals_attention_over_the_prefix_in_the_triton_interpreter():
+    """The Triton kernel that the GPU decode step uses, run by Triton's CPU interpreter: every position count,
+    splits that are partly filled, wholly empty, and a cache length that is not a multiple of the split."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
