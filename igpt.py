@@ -84,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         else:  # generating: attend to the cached positions up to each query's own
             k, v = self.kv_cache.update(input_pos, k, v)
             if T == 1 and q.is_cuda and triton is not None:
-                y = decode_attention(q.contiguous(), k, v, input_pos)
+                y = decode_attention(q, k, v, input_pos)
             else:
                 mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -276,30 +276,42 @@ try:
 except ImportError:  # CPU-only installs: the decode step uses scaled_dot_product_attention with a mask
     triton = None
 
-DECODE_SPLIT = 64  # cache positions per program: many programs keep all SMs busy even for one image
+DECODE_BLOCK = 64        # cache positions per loop iteration of a program
+DECODE_PROGRAMS = 1024   # about how many programs to split one layer's decode attention into
 
 if triton is not None:
     @triton.jit
-    def _decode_attention_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, max_ptr, sum_ptr, max_len, n_splits, scale,
-                                HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr):
-        # One program: one (sequence, head) and SPLIT cache positions, of which only those <= pos are read.
-        # Its softmax is left unnormalised, with its max and sum, for the combine kernel.
+    def _decode_attention_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, max_ptr, sum_ptr, q_stride_b, q_stride_h,
+                                n_head, max_len, split_len, scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        # One program: one (sequence, head) and the cache positions [start, start + split_len) that are <= pos,
+        # by an online softmax; it writes the unnormalised result with its max and sum for the combine kernel.
         bh, split = tl.program_id(0), tl.program_id(1)
-        pos = tl.load(pos_ptr)
+        n_splits = tl.num_programs(1)
         d = tl.arange(0, HEAD_DIM)
-        n = split * SPLIT + tl.arange(0, SPLIT)
-        valid = n <= pos
-        q = tl.load(q_ptr + bh * HEAD_DIM + d).to(tl.float32) * scale
-        offsets = bh * max_len * HEAD_DIM + n[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # masked rows are not read
-        s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
-        m = tl.max(s, 0)
-        p = tl.where(valid, tl.exp(s - m), 0.0)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        q_offset = (bh // n_head) * q_stride_b + (bh % n_head) * q_stride_h
+        q = tl.load(q_ptr + q_offset + d).to(tl.float32) * scale
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, tl.load(pos_ptr) + 1)  # a split wholly after pos reads nothing
+        for offset in range(start, end, BLOCK):
+            n = offset + tl.arange(0, BLOCK)
+            valid = n < end
+            ptrs = bh * max_len * HEAD_DIM + n[:, None] * HEAD_DIM + d[None, :]
+            k = tl.load(k_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            p = tl.exp(s - m_new)
+            rescale = tl.exp(m - m_new)
+            v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * rescale + tl.sum(p[:, None] * v, 0)
+            total = total * rescale + tl.sum(p, 0)
+            m = m_new
         out = bh * n_splits + split
-        tl.store(acc_ptr + out * HEAD_DIM + d, tl.sum(p[:, None] * v, 0))
-        tl.store(max_ptr + out, m)  # -inf for a split wholly after pos: it gets weight 0 below
-        tl.store(sum_ptr + out, tl.sum(p, 0))
+        tl.store(acc_ptr + out * HEAD_DIM + d, acc)
+        tl.store(max_ptr + out, m)  # -inf where nothing was read: the combine gives it weight 0
+        tl.store(sum_ptr + out, total)
 
     @triton.jit
     def _decode_attention_combine(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr,
@@ -318,17 +330,20 @@ if triton is not None:
 
 @torch.library.custom_op("igpt::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for one query q [B, H, 1, D] over cache positions 0..pos of k, v [B, H, T, D],
-    with pos a [1] tensor read on the device: no host synchronisation and one shape for every step, so the step
-    is captured once as a CUDA graph, and only the filled part of the cache is read (flash-decoding)."""
+    """softmax(q k^T / sqrt(d)) v for one query q [B, H, 1, D] over cache positions 0..pos of k, v [B, H, T, D]
+    (contiguous), with pos a [1] tensor read on the device: no host synchronisation and one shape for every
+    step, so a whole step is captured once as a CUDA graph, and only the filled part of the cache is read."""
     B, H, _, D = q.shape
-    n_splits = triton.cdiv(k.size(2), DECODE_SPLIT)
+    T = k.size(2)
+    blocks = triton.cdiv(T, DECODE_BLOCK)
+    split_len = DECODE_BLOCK * triton.cdiv(blocks, min(blocks, triton.cdiv(DECODE_PROGRAMS, B * H)))
+    n_splits = triton.cdiv(T, split_len)
     acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=q.device)
     maxes = torch.empty(B * H, n_splits, dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxes)
-    _decode_attention_split[(B * H, n_splits)](q, k, v, pos, acc, maxes, sums, k.size(2), n_splits, D ** -0.5,
-                                               HEAD_DIM=D, SPLIT=DECODE_SPLIT)
-    out = torch.empty_like(q)
+    _decode_attention_split[(B * H, n_splits)](q, k, v, pos, acc, maxes, sums, q.stride(0), q.stride(1), H, T,
+                                               split_len, D ** -0.5, HEAD_DIM=D, BLOCK=DECODE_BLOCK)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     _decode_attention_combine[(B * H,)](acc, maxes, sums, out, n_splits, HEAD_DIM=D,
                                         SPLITS=triton.next_power_of_2(n_splits))
     return out
@@ -336,7 +351,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 @decode_attention.register_fake
 def _(q, k, v, pos):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 # ---- sampling ----

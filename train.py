@@ -308,11 +308,6 @@ def main(argv=None):
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and amp_dtype != torch.float32 else nullcontext()
     do_compile = cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)
-    if cfg.micro_batch_size <= 0 or cfg.batch_size % (cfg.micro_batch_size * world):
-        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
-                         f"{cfg.micro_batch_size} x {world} processes")
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
-
     if cfg.eval_only:
         loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                              cfg.eval_images)
@@ -321,6 +316,10 @@ def main(argv=None):
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
 
+    if cfg.micro_batch_size <= 0 or cfg.batch_size % (cfg.micro_batch_size * world):
+        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} x {world} processes")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
     optimizer = model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
                                            device.type)
     step, batches = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed)
@@ -389,7 +388,7 @@ def main(argv=None):
         loss_value = loss_acc.item()
         if not math.isfinite(loss_value):
             # stop before the optimizer applies it: the last checkpoint stays the last good state
-            raise SystemExit(f"step {step}: the loss is {loss_value}; stopping without updating the weights. "
+            raise SystemExit(f"step {step + 1}: the loss is {loss_value}; stopping without updating the weights. "
                              f"The last good checkpoint is {ckpt_path} (if one was written): resume from it with "
                              "a lower --learning_rate or a smaller --grad_clip")
         if cfg.grad_clip > 0:

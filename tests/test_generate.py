@@ -99,14 +99,16 @@ def test_prime_as_long_as_the_image_is_an_error():
 KERNEL_CHECK = """
 import torch, igpt
 torch.manual_seed(0)
-for B, H, T, D in [(2, 3, 130, 16), (1, 2, 64, 32)]:
+igpt.DECODE_BLOCK = 16
+cases = [(programs, shape, p) for programs in [1, 8, 1000]  # one split per sequence, a few, one block per split
+         for shape in [(2, 3, 130, 16), (1, 2, 64, 32)] for p in [0, 1, 15, 16, 63, 64, shape[2] - 1]]
+for programs, (B, H, T, D), p in cases:
+    igpt.DECODE_PROGRAMS = programs
     k, v = torch.randn(2, B, H, T, D)
-    q = torch.randn(B, H, 1, D)
-    for p in [0, 1, 63, 64, T - 1]:
-        pos = torch.tensor([p])
-        got = igpt.decode_attention(q, k, v, pos)
-        ref = torch.softmax((q @ k[:, :, : p + 1].transpose(-1, -2)) / D ** 0.5, -1) @ v[:, :, : p + 1]
-        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (B, H, T, D, p, (got - ref).abs().max())
+    q = torch.randn(B, 1, 3, H, D).permute(2, 0, 3, 1, 4)[0]  # a strided view, as the model passes it
+    got = igpt.decode_attention(q, k, v, torch.tensor([p]))
+    ref = torch.softmax((q @ k[:, :, : p + 1].transpose(-1, -2)) / D ** 0.5, -1) @ v[:, :, : p + 1]
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (programs, B, H, T, D, p, (got - ref).abs().max())
 print("ok")
 """
 

@@ -1,0 +1,298 @@
+"""
+Linear probes: the paper's headline evaluation. For each layer l of a trained iGPT, the residual stream after
+block l, normalised by the mean-free norm without its gain and averaged over positions, is the feature of an image;
+a multinomial logistic regression on these features measures how linearly separable the classes are at depth l.
+
+    python probe.py --ckpt igpt_s.pt --data data/cifar10                     # every layer (the default*)
+    python probe.py --ckpt igpt_s.pt --data data/cifar10 --layers 8,12,16    # or 10-20, or --layer 16
+    python probe.py --ckpt igpt_s.pt --data data/cifar10 --Cs 0.01,0.1,1     # another grid of C
+
+The data are quantize.py's token files {data}_{tr,va,te}{X,Y}.npy (or the original release's, through
+load_tokens): va is the seeded 10% of the training set held out for choosing the regularisation.
+*Every layer by default: one pass costs the forward up to the deepest layer asked for anyway, the fits are
+seconds, and the curve over depth shows where the best features lie (in the middle of the network, per the paper).
+
+1. Features: every requested layer comes out of one forward pass (model.features), in batches on the GPU under
+   bf16 autocast (fp32 on the CPU). They are cached, one file per split and layer, in
+   {out}/features/{key}/, where key hashes the checkpoint's path, size and modification time and the data
+   files', so a sweep over more layers or other C values never reruns the model for features it has (float32:
+   123 MB a layer for the 60,000 images of CIFAR-10 through iGPT-S, 2.9 GB for all 24 layers).
+2. Fit, per layer: features standardised with the training mean and std; multinomial logistic regression with
+   an L2 penalty in scikit-learn's convention (sum of log-losses + ||W||^2 / (2C), bias unpenalised), by
+   full-batch L-BFGS to a gradient tolerance, for each C of the grid on tr. The C with the best va accuracy is
+   refit on tr + va (standardised with their mean and std), and that model's te accuracy is reported.
+3. Output: the table (layer, C, val acc, test acc) printed and written to {out}/probe.json, and the accuracy
+   against depth drawn to {out}/probe.png.
+"""
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from igpt import IGPT
+from quantize import load_tokens
+
+SPLITS = ("tr", "va", "te")
+DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_layers(spec, n_layer):
+    """Layer numbers (1 = after the first block) from "all", "16", "8,12,16" or "10-20"."""
+    if spec == "all":
+        return list(range(1, n_layer + 1))
+    layers = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            layers += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ValueError(f"cannot read layers {spec!r}: use all, 16, 8,12,16 or 10-20") from None
+    bad = [l for l in layers if not 1 <= l <= n_layer]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or spec} do not exist: this model's layers are 1..{n_layer}")
+    return sorted(set(layers))
+
+
+# ---- features ----
+
+@torch.no_grad()
+def extract_features(model, X, layers, batch_size=256, device=None, compile=False, progress=None):
+    """Probe features of token images X (integer [N, n_px*n_px]: numpy, a memory map, or torch) at each of
+    `layers`, all from one forward pass per batch: float32 [N, len(layers), n_embd] on the CPU.
+
+    The model is moved to `device` (default: CUDA when there is one) and runs under bf16 autocast on CUDA, in
+    float32 on the CPU. compile: torch.compile each block in place (one compiled graph serves them all; the last
+    batch is padded to full size so no shape recompiles). progress: a label to print progress (images/s) under."""
+    c = model.config
+    if X.ndim != 2 or X.shape[1] != c.block_size:
+        raise ValueError(f"token images of shape {tuple(X.shape)} do not fit the model, which reads "
+                         f"{c.n_px}x{c.n_px} = {c.block_size} tokens an image: quantize the data at n_px={c.n_px}")
+    if len(X) and (X.min() < 0 or X.max() >= c.n_vocab):
+        raise ValueError(f"token values lie in {int(X.min())}..{int(X.max())}, outside the model's palette "
+                         f"0..{c.n_vocab - 1}: were the data quantized with this model's palette?")
+    device = torch.device(device or default_device())
+    model.to(device).eval()
+    if compile:
+        for block in model.h:
+            block.compile()
+    out = torch.empty(len(X), len(layers), c.n_embd)
+    t0 = last = time.time()
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(0, len(X), batch_size):
+            xb = torch.from_numpy(np.asarray(X[i:i + batch_size], dtype=np.int64)).to(device)
+            n = len(xb)
+            if compile:
+                xb = F.pad(xb, (0, 0, 0, batch_size - n))
+            out[i:i + n] = model.features(xb, layers)[:n].cpu()
+            if progress and (time.time() - last > 10 or i + n == len(X)):
+                last = time.time()
+                print(f"{progress}: {i + n}/{len(X)} images, {(i + n) / (last - t0):.0f} images/s", flush=True)
+    return out
+
+
+def cache_dir(ckpt, data, out_dir):
+    """The folder of cached features for this checkpoint and these data: named by a hash of the checkpoint's
+    path, size and modification time and of the data files', so features of another model, another version
+    of the file or other data are never read. A meta.json inside says what it holds."""
+    files = [ckpt] + [f"{data}_{split}X.npy" for split in SPLITS]
+    ident = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else None for f in files}
+    ident = {"ckpt": os.path.abspath(ckpt), "data": os.path.abspath(data), "files": ident}
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(out_dir, "features", key)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(ident, f, indent=2)
+    return folder
+
+
+def cached_features(model, X, split, layers, folder, **kwargs):
+    """Paths of the features of each layer of one split, extracting in one pass those not yet in `folder`."""
+    paths = {l: os.path.join(folder, f"{split}_layer{l:03d}.npy") for l in layers}
+    missing = [l for l in layers if not os.path.exists(paths[l])]
+    if missing:
+        feats = extract_features(model, X, missing, progress=f"features {split}", **kwargs)
+        for j, l in enumerate(missing):
+            tmp = paths[l] + ".tmp.npy"  # write then rename: an interrupted run leaves no half-written cache
+            np.save(tmp, feats[:, j].numpy())
+            os.replace(tmp, paths[l])
+    return paths
+
+
+# ---- logistic regression ----
+
+def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None):
+    """Multinomial logistic regression with an L2 penalty, as scikit-learn's LogisticRegression(C=C) with K > 2
+    classes: minimise sum_i -log p(y_i | x_i) + ||W||^2 / (2C), bias unpenalised, where p = softmax(x W + b).
+
+    Full-batch L-BFGS (strong Wolfe line search) on the objective divided by N, as scikit-learn's lbfgs does,
+    until its largest gradient entry is at most tol. X: float [N, D]; y: class indices [N] in 0..K-1; init: a
+    (W, b) to start from. Returns W float32 [D, K] and b [K] on device, b centred (softmax ignores a shared shift).
+    For two classes this is the two-vector softmax model, not scikit-learn's single-vector one."""
+    device = device or default_device()
+    X = torch.as_tensor(X, dtype=torch.float32, device=device)
+    y = torch.as_tensor(y, dtype=torch.long, device=device)
+    N, D = X.shape
+    W = torch.zeros(D, int(y.max()) + 1, device=device)
+    b = torch.zeros(W.size(1), device=device)
+    if init is not None:
+        W.copy_(init[0]), b.copy_(init[1])
+    W.requires_grad_(), b.requires_grad_()
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(X @ W + b, y) + W.pow(2).sum() / (2 * C * N)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    grad = max(W.grad.abs().max().item(), b.grad.abs().max().item())
+    if grad > tol and opt.state[W]["n_iter"] >= max_iter:
+        warnings.warn(f"L-BFGS stopped at max_iter={max_iter} with gradient {grad:.1e} > tol={tol:.0e} (C={C})")
+    return W.detach(), (b - b.mean()).detach()
+
+
+def standardise(train, *others):
+    """Subtract the mean and divide by the std of train (1 where a feature is constant) from each array."""
+    mean, std = train.mean(0), train.std(0)
+    std = torch.where(std > 0, std, 1.0)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def accuracy(W, b, X, y):
+    return ((X @ W + b).argmax(1) == y).float().mean().item()
+
+
+def probe_layer(train, val, test, Cs, device=None, max_iter=1000, tol=1e-4):
+    """One layer's probe. train, val, test: (features [N, D], labels [N]) pairs. Fits each C of Cs on train
+    (ascending, each started from the last solution), takes the C of best val accuracy (the smallest on a tie),
+    refits it on train + val and returns {"C", "val_acc", "test_acc", "val_accs" (one per C)}."""
+    device = device or default_device()
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = [(torch.as_tensor(x, device=device, dtype=torch.float32),
+                                           torch.as_tensor(y, device=device)) for x, y in (train, val, test)]
+    Str, Sva = standardise(Xtr, Xva)
+    fit, val_accs, best = None, [], None
+    for C in sorted(Cs):
+        fit = fit_logistic(Str, ytr, C, max_iter, tol, device, init=fit)
+        val_accs.append(accuracy(*fit, Sva, yva))
+        if best is None or val_accs[-1] > best[1]:
+            best = (C, val_accs[-1], fit)
+    C, val_acc, fit = best
+    Strva, Ste = standardise(torch.cat([Xtr, Xva]), Xte)
+    fit = fit_logistic(Strva, torch.cat([ytr, yva]), C, max_iter, tol, device, init=fit)
+    return {"C": C, "val_acc": val_acc, "test_acc": accuracy(*fit, Ste, yte), "val_accs": val_accs}
+
+
+# ---- the sweep, the table and the plot ----
+
+def load_split(data, split):
+    X, Y = load_tokens(data, split)
+    if Y is None:
+        raise FileNotFoundError(f"the probe needs labels, and {data}_{split}Y.npy is missing: "
+                                "quantize.py writes it beside the tokens")
+    return X, Y
+
+
+def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out_dir="out/probe", batch_size=256, device=None,
+                 compile=None, max_iter=1000, tol=1e-4):
+    """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
+    forward pass per split, a fit per C and layer, the table printed and written to {out_dir}/probe.json and the
+    plot to {out_dir}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
+    torch.compile the blocks for extraction (default: on CUDA). Returns the table's rows."""
+    device = device or default_device()
+    model = IGPT.from_checkpoint(ckpt)
+    layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
+    Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
+    if not Cs or Cs[0] <= 0:
+        raise ValueError(f"C values must be positive, got {Cs}")
+    splits = {split: load_split(data, split) for split in SPLITS}
+    folder = cache_dir(ckpt, data, out_dir)
+    compile = device.startswith("cuda") if compile is None else compile
+    paths = {split: cached_features(model, X, split, layers, folder, batch_size=batch_size, device=device,
+                                    compile=compile) for split, (X, _) in splits.items()}
+    del model
+    rows = []
+    print(f"{'layer':>5} {'C':>8} {'val acc':>8} {'test acc':>8}")
+    for l in layers:
+        sets = [(np.load(paths[s][l]), torch.from_numpy(np.asarray(splits[s][1]))) for s in SPLITS]
+        rows.append({"layer": l, **probe_layer(*sets, Cs, device, max_iter, tol)})
+        r = rows[-1]
+        print(f"{l:5d} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%", flush=True)
+    best = max(rows, key=lambda r: r["val_acc"])
+    print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%")
+    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+        json.dump({"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows}, f, indent=2)
+    plot(rows, os.path.join(out_dir, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
+    return rows
+
+
+def plot(rows, path, title="linear probe", size=(640, 400)):
+    """Validation and test accuracy against layer, as a PNG drawn with PIL."""
+    w, h = size
+    x0, y0, x1, y1 = 60, 30, w - 20, h - 45  # the plotting area
+    layers = [r["layer"] for r in rows]
+    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")]
+    lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
+    lmin, lmax = min(layers), max(layers)
+    px = lambda l: x0 + (x1 - x0) * (l - lmin + 0.5) / (lmax - lmin + 1)
+    py = lambda a: y1 - (y1 - y0) * (a - lo) / (hi - lo)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    for a in range(int(lo), int(hi) + 1, 10):
+        d.line([(x0 - 4, py(a)), (x0, py(a))], fill="black")
+        d.text((x0 - 8, py(a)), f"{a}", fill="black", anchor="rm")
+    for l in range(lmin, lmax + 1, max(1, (lmax - lmin + 1) // 12)):
+        d.line([(px(l), y1), (px(l), y1 + 4)], fill="black")
+        d.text((px(l), y1 + 6), str(l), fill="black", anchor="mt")
+    d.text(((x0 + x1) / 2, h - 8), "layer", fill="black", anchor="md")
+    d.text((8, 8), "accuracy (%)", fill="black")
+    d.text(((x0 + x1) / 2, 8), title, fill="black", anchor="mt")
+    for k, color in (("val_acc", "gray"), ("test_acc", "blue")):
+        pts = [(px(r["layer"]), py(100 * r[k])) for r in rows]
+        d.line(pts, fill=color, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        d.text((x1 - 60, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color)
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="model checkpoint (ours, or an original one after convert.py)")
+    p.add_argument("--data", required=True, help="token files' prefix: {data}_trX.npy, ... (from quantize.py)")
+    p.add_argument("--layers", "--layer", default="all",
+                   help="layers to probe: all, one (16), a list (8,12,16) or a range (10-20) (default: %(default)s)")
+    p.add_argument("--Cs", default=DEFAULT_CS, metavar="C,C,...", help="inverse regularisation strengths to choose from on va, "
+                   "as scikit-learn's C (default: %(default)s)")
+    p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images a forward pass (default: %(default)s)")
+    p.add_argument("--device", default=default_device(), help="cuda, cpu, ... (default: %(default)s)")
+    p.add_argument("--compile", type=int, choices=[0, 1], default=None,
+                   help="torch.compile the blocks for extraction (default: 1 on CUDA, 0 on the CPU)")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: %(default)s)")
+    p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
+                   "the mean objective is at most this (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, args.device,
+                     None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

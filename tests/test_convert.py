@@ -1,0 +1,365 @@
+"""convert.py: the TF checkpoint reader, the original -> igpt mapping, Hugging Face import/export, downloading.
+
+The TF fixture in tests/fixtures/ was written by real TensorFlow (tests/make_tf_fixture.py), with golden logits
+from the original math written in TensorFlow; nothing here imports TensorFlow."""
+import http.server
+import io
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import convert
+from convert import TFCheckpoint, crc32c, hf_to_igpt, igpt_to_hf, main, tf_to_igpt
+from igpt import IGPT, IGPTConfig, save_checkpoint
+from tiny import TINY, tiny_model, tokens
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PREFIX = FIXTURES / "tf" / "model.ckpt-1000000"
+GOLDEN = np.load(FIXTURES / "tf_golden.npz")
+
+
+def copy_fixture(tmp_path):
+    shutil.copytree(PREFIX.parent, tmp_path / "tf")
+    return tmp_path / "tf" / PREFIX.name
+
+
+def close(actual, expected):
+    """Equal to 1e-5 relative to the largest magnitude."""
+    expected = torch.as_tensor(expected)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+# ---- crc32c and the table format ----
+
+def crc32c_bitwise(data):
+    """The definition, one bit at a time: reflected polynomial 0x82F63B78, init and final xor 0xFFFFFFFF."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_known_values():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+    # RFC 3720 (iSCSI), appendix B.4
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
+
+
+def test_crc32c_matches_the_definition_across_lane_and_block_boundaries(monkeypatch):
+    monkeypatch.setattr(convert, "LANES", 3)  # blocks of 768 bytes, so a few KB cross several, with odd lanes
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    for n in (1, 3, 4, 255, 256, 257, 767, 768, 769, 2 * 768, 5000):
+        assert crc32c(data[:n]) == crc32c_bitwise(data[:n]), n
+    assert crc32c(np.frombuffer(data, np.float32)) == crc32c_bitwise(data)  # any contiguous array, as raw bytes
+
+
+def test_varint():
+    cases = {b"\x00": 0, b"\x01": 1, b"\x7f": 127, b"\x80\x01": 128, b"\xac\x02": 300, b"\x80\x80\x01": 16384,
+             b"\xff" * 9 + b"\x01": 2**64 - 1}
+    for encoded, value in cases.items():
+        assert convert._varint(b"\x05" + encoded + b"\x07", 1) == (value, 1 + len(encoded))
+    with pytest.raises(ValueError, match="truncated varint"):
+        convert._varint(b"\xac", 0)
+
+
+def test_index_lists_every_variable_with_its_shard():
+    ckpt = TFCheckpoint(PREFIX)
+    assert ckpt.num_shards == 3
+    assert ckpt.entries["model/h0/attn/q_proj"].shape == (2, 8, 16)
+    assert ckpt.entries["global_step"].shape == ()
+    assert {"model/wte/Adam", "model/wte/Adam_1", "beta1_power", "beta2_power"} <= set(ckpt.entries)
+    assert len({e.shard for n, e in ckpt.entries.items() if n.startswith("model/")}) == 2  # sharded model
+    assert len(ckpt.entries) == 3 * (5 + 1 + 2 * 8) + 3 + 4  # model with 2 slots each, step, beta powers, extra
+
+
+def test_reads_the_dtypes_tensorflow_wrote():
+    ckpt = TFCheckpoint(str(PREFIX) + ".index")  # the .index path names the same checkpoint
+    for name, dtype in [("f16", np.float16), ("bf16", np.float32), ("i32", np.int32), ("i64", np.int64)]:
+        a = ckpt.read(f"extra/{name}")
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, GOLDEN[name])
+    assert ckpt.read("global_step") == 2  # two Adam steps were taken
+
+
+# ---- the original -> igpt ----
+
+def test_converted_logits_match_tensorflow():
+    model = tf_to_igpt(TFCheckpoint(PREFIX))
+    assert model.config == IGPTConfig(n_px=5, n_vocab=16, n_embd=16, n_head=2, n_layer=2, n_classes=3)
+    x = torch.from_numpy(GOLDEN["tokens"])
+    with torch.no_grad():
+        close(model(x)[0], GOLDEN["logits"])
+        close(model.classify(x)[0], GOLDEN["clf_logits"])
+
+
+def test_only_the_model_variables_are_read(monkeypatch):
+    read = []
+    original = TFCheckpoint.read
+    monkeypatch.setattr(TFCheckpoint, "read", lambda self, name: read.append(name) or original(self, name))
+    model = tf_to_igpt(TFCheckpoint(PREFIX), verbose=False)
+    per_layer = ["ln_1/g", "ln_2/g", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/c_proj", "mlp/c_fc/w",
+                 "mlp/c_proj/w"]
+    expected = ["model/" + n for n in ("wte", "wpe", "sos", "wtet", "ln_f/g", "clf/wclf")]
+    expected += [f"model/h{i}/{n}" for i in range(2) for n in per_layer]
+    assert sorted(read) == sorted(expected)
+    assert model.state_dict().keys() == IGPT(model.config).state_dict().keys()
+
+
+def test_a_missing_or_misshaped_model_tensor_is_named():
+    ckpt = TFCheckpoint(PREFIX)
+    del ckpt.entries["model/h1/mlp/c_fc/w"]
+    with pytest.raises(KeyError, match="model/h1/mlp/c_fc/w"):
+        tf_to_igpt(ckpt)
+    ckpt = TFCheckpoint(PREFIX)
+    ckpt.entries["model/h1/attn/v_proj"] = ckpt.entries["model/h1/attn/v_proj"]._replace(shape=(2, 16, 8))
+    with pytest.raises(ValueError, match=r"'model/h1/attn/v_proj' .* shape \(2, 16, 8\), expected \(2, 8, 16\)"):
+        tf_to_igpt(ckpt)
+
+
+def test_a_corrupt_data_file_names_the_tensor_and_the_file(tmp_path):
+    prefix = copy_fixture(tmp_path)
+    ckpt = TFCheckpoint(prefix)
+    e = ckpt.entries["model/wtet"]
+    path = Path(ckpt.shard_path(e.shard))
+    data = bytearray(path.read_bytes())
+    data[e.offset + e.size // 2] ^= 0x10
+    path.write_bytes(data)
+    ckpt.read("model/wte")  # its neighbours are intact
+    with pytest.raises(ValueError, match=f"'model/wtet' in {path}.*crc32c"):
+        tf_to_igpt(ckpt)
+
+
+def test_a_truncated_data_file_is_a_clear_error(tmp_path):
+    ckpt = TFCheckpoint(copy_fixture(tmp_path))
+    e = ckpt.entries["model/ln_f/g"]
+    path = ckpt.shard_path(e.shard)
+    os.truncate(path, e.offset + 10)
+    with pytest.raises(ValueError, match=f"{path} is truncated: 'model/ln_f/g' needs"):
+        ckpt.read("model/ln_f/g")
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    ckpt = TFCheckpoint(copy_fixture(tmp_path))
+    os.remove(ckpt.shard_path(2))
+    with pytest.raises(FileNotFoundError, match=r"model.ckpt-1000000.data-00002-of-00003, which does not exist"):
+        tf_to_igpt(ckpt)
+
+
+def test_a_wrong_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.ckpt-42"):
+        TFCheckpoint(tmp_path / "model.ckpt-42")
+
+
+def test_a_damaged_index_is_refused(tmp_path):
+    prefix = copy_fixture(tmp_path)
+    index = Path(str(prefix) + ".index")
+    data = bytearray(index.read_bytes())
+    data[40] ^= 0x01
+    index.write_bytes(data)
+    with pytest.raises(ValueError, match="corrupt: the block at byte 0 fails its crc32c"):
+        TFCheckpoint(prefix)
+    index.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="not a TensorFlow checkpoint index"):
+        TFCheckpoint(prefix)
+
+
+def test_partitioned_variables_are_refused():
+    ckpt = TFCheckpoint(FIXTURES / "tf_partitioned" / "model.ckpt")
+    with pytest.raises(ValueError, match="'model/wte' .* partitioned"):
+        ckpt.read("model/wte")
+    with pytest.raises(ValueError, match="'model/wte' .* partitioned"):
+        tf_to_igpt(ckpt)
+
+
+def test_cli_writes_a_checkpoint_with_the_palette_and_will_not_overwrite(tmp_path, capsys):
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3))
+    np.save(tmp_path / "palette.npy", palette)
+    out = tmp_path / "igpt.pt"
+    main([str(PREFIX), "--out", str(out), "--palette", str(tmp_path / "palette.npy")])
+    assert "read 22/22 tensors" in capsys.readouterr().err
+    model = IGPT.from_checkpoint(out)
+    torch.testing.assert_close(model.palette, torch.from_numpy(palette).float())
+    with torch.no_grad():
+        close(model(torch.from_numpy(GOLDEN["tokens"]))[0], GOLDEN["logits"])
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="--force"):
+        main([str(PREFIX), "--out", str(out)])
+    assert out.read_bytes() == before
+    main([str(PREFIX), "--out", str(out), "--force"])
+    assert IGPT.from_checkpoint(out).palette is None
+    np.save(tmp_path / "palette.npy", palette[:8])
+    with pytest.raises(ValueError, match="8 colours but the model has n_vocab=16"):
+        main([str(PREFIX), "--out", str(out), "--force", "--palette", str(tmp_path / "palette.npy")])
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--out", "--palette", "--force", "--download", "--step", "--dir", "--dataset", "--base_url",
+                   "--hf", "--to_hf"):
+        assert option in text
+    assert "(default: 1000000)" in text and f"(default: {convert.BASE_URL})" in text
+
+
+# ---- Hugging Face ----
+
+def hf_model(seed=0, **config):
+    """A tiny ImageGPTForCausalImageModeling with random weights everywhere and zero biases."""
+    config = transformers.ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=2, n_head=4, **config)
+    model = transformers.ImageGPTForCausalImageModeling(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.zeros(p.shape) if name.endswith(".bias") else torch.randn(p.shape, generator=g) * 0.3
+                    + ("ln_" in name))  # gains around 1
+    return model
+
+
+def hf_logits(model, x):
+    """HF starts each sequence with the SOS token id vocab_size - 1 and predicts x_i at position i."""
+    sos = torch.full((x.size(0), 1), model.config.vocab_size - 1)
+    with torch.no_grad():
+        return model(torch.cat([sos, x[:, :-1]], dim=1)).logits
+
+
+def test_hf_import_matches_hf_logits(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "igpt.pt")])
+    model = IGPT.from_checkpoint(tmp_path / "igpt.pt")
+    assert model.config == IGPTConfig(**TINY)
+    x = tokens()
+    with torch.no_grad():
+        close(model(x)[0], hf_logits(hf, x))
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "igpt.pt", model)
+    main(["--to_hf", str(tmp_path / "igpt.pt"), "--out", str(tmp_path / "hf")])
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
+    x = tokens()
+    with torch.no_grad():
+        close(hf_logits(hf, x), model(x)[0])
+    with pytest.raises(FileExistsError, match="--force"):
+        igpt_to_hf(model, tmp_path / "hf")
+    torch.testing.assert_close(hf_to_igpt(tmp_path / "hf").state_dict(), model.state_dict())  # round trip
+
+
+def test_hf_pytorch_model_bin_with_old_mask_buffers_is_read(tmp_path):
+    """Older transformers saved pytorch_model.bin, holding each layer's causal mask as attn.bias/masked_bias."""
+    hf = hf_model(seed=1)
+    state = hf.state_dict()
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    hf.config.save_pretrained(tmp_path / "hf")
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    x = tokens()
+    with torch.no_grad():
+        close(hf_to_igpt(tmp_path / "hf")(x)[0], hf_logits(hf, x))
+
+
+def test_a_non_zero_hf_bias_is_named(tmp_path):
+    hf = hf_model()
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.bias[3] = 0.5
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias .* non-zero"):
+        hf_to_igpt(tmp_path / "hf")
+
+
+def test_an_hf_model_igpt_cannot_express_is_refused(tmp_path):
+    hf_model(activation_function="gelu_new").save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="activation_function='gelu_new'"):
+        hf_to_igpt(tmp_path / "hf")
+
+
+# ---- downloading ----
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` (URL path -> bytes), honouring "Range: bytes=N-", and logs (path, Range header) pairs."""
+    files, requests = {}, []
+
+    def do_GET(self):
+        self.requests.append((self.path, self.headers.get("Range")))
+        if self.path not in self.files:
+            self.send_error(404)
+            return
+        data = self.files[self.path]
+        start = int(self.headers["Range"].removeprefix("bytes=").removesuffix("-")) if self.headers["Range"] else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    RangeHandler.files, RangeHandler.requests = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", RangeHandler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def npy_bytes(a):
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+def test_download_resumes_skips_complete_files_then_converts(tmp_path, server, capsys):
+    url, handler = server
+    for f in PREFIX.parent.iterdir():
+        handler.files[f"/checkpoints/igpt-s/1000000/{f.name}"] = f.read_bytes()
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    handler.files["/color-clusters/kmeans_centers.npy"] = npy_bytes(palette)
+    for split in convert.SPLITS:
+        handler.files[f"/datasets/cifar10_{split}.npy"] = npy_bytes(np.arange(6) + len(split))
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shard = "model.ckpt-1000000.data-00001-of-00003"
+    full = handler.files[f"/checkpoints/igpt-s/1000000/{shard}"]
+    (folder / (shard + ".part")).write_bytes(full[:1000])  # left by an interrupted run
+    (folder / "cifar10_teY.npy").write_bytes(handler.files["/datasets/cifar10_teY.npy"])  # already complete
+
+    main(["--download", "s", "--dir", str(folder), "--palette", "--dataset", "cifar10", "--base_url", url])
+    assert (f"/checkpoints/igpt-s/1000000/{shard}", "bytes=1000-") in handler.requests
+    assert "/datasets/cifar10_teY.npy" not in [path for path, _ in handler.requests]
+    assert "MB/s" in capsys.readouterr().err
+    for path, data in handler.files.items():
+        assert (folder / path.rsplit("/", 1)[1]).read_bytes() == data
+    assert not list(folder.glob("*.part"))
+    model = IGPT.from_checkpoint(folder / "igpt-s-1000000.pt")
+    torch.testing.assert_close(model.palette, torch.from_numpy(palette))
+    with torch.no_grad():
+        close(model(torch.from_numpy(GOLDEN["tokens"]))[0], GOLDEN["logits"])
+
+
+def test_download_failure_names_the_url(tmp_path, server):
+    url, _ = server
+    with pytest.raises(OSError, match=f"{url}/checkpoints/igpt-m/131000/model.ckpt-131000.index: HTTP 404"):
+        main(["--download", "m", "--step", "131000", "--dir", str(tmp_path), "--base_url", url])
+    assert not list(tmp_path.iterdir())

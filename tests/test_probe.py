@@ -1,0 +1,232 @@
+"""Linear probes: features against a hand computation, the fit against scikit-learn, the cache, the choice of C,
+and the command line end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from igpt import IGPT, save_checkpoint
+from probe import cache_dir, extract_features, fit_logistic, main, parse_layers, probe_layer, probe_layers, standardise
+from tiny import tiny_model, tokens
+
+
+def blobs(n, d, k, seed, spread=0.4):
+    """n points of k Gaussian classes in d dimensions, class means drawn with the given spread."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, d, generator=torch.Generator().manual_seed(0)) * spread
+    y = torch.randint(k, (n,), generator=g)
+    return means[y] + torch.randn(n, d, generator=g), y
+
+
+def write_data(prefix, sizes=(40, 20, 20), n_px=4, n_vocab=16, classes=3):
+    """Token files {prefix}_{tr,va,te}{X,Y}.npy as quantize.py writes them; the class shifts the tokens."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("tr", "va", "te"), sizes):
+        y = rng.integers(0, classes, n)
+        x = (rng.integers(0, n_vocab // 2, (n, n_px * n_px)) + y[:, None] * 3) % n_vocab
+        np.save(f"{prefix}_{split}X.npy", x.astype(np.uint16))
+        np.save(f"{prefix}_{split}Y.npy", y.astype(np.int64))
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A tiny checkpoint and data set; run(*args) calls the command line on them."""
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+
+    def run(*args):
+        main(["--ckpt", str(tmp_path / "m.pt"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"),
+              "--device", "cpu", "--Cs", "0.1,1", *args])
+    return run
+
+
+# ---- features ----
+
+def test_features_equal_a_hand_computation_whatever_the_batch_size():
+    model, x = tiny_model(), tokens(batch=7)
+    h = torch.cat([model.sos.expand(7, 1, -1), model.wte.weight[x[:, :-1]]], 1) + model.wpe.weight[:16]
+    by_hand = []
+    for block in model.h:
+        h = block(h)
+        by_hand.append((h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).mean(1))
+    for batch_size in (7, 3, 1):
+        f = extract_features(model, x.numpy().astype(np.uint16), [2, 1], batch_size=batch_size, device="cpu")
+        assert f.dtype == torch.float32 and f.shape == (7, 2, 32)
+        torch.testing.assert_close(f[:, 0], by_hand[1])
+        torch.testing.assert_close(f[:, 1], by_hand[0])
+
+
+def test_features_reject_images_of_another_size_and_tokens_outside_the_palette():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="n_px=4"):
+        extract_features(model, np.zeros((2, 25), np.int64), [1], device="cpu")
+    with pytest.raises(ValueError, match="0..15"):
+        extract_features(model, np.full((2, 16), 16), [1], device="cpu")
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [1, 2, 3, 4]
+    assert parse_layers("3", 4) == [3]
+    assert parse_layers("4,1,2", 4) == [1, 2, 4]
+    assert parse_layers("2-4", 24) == [2, 3, 4]
+    for bad in ("0", "5", "1,5", "2-9", "x", ""):
+        with pytest.raises(ValueError):
+            parse_layers(bad, 4)
+
+
+# ---- logistic regression ----
+
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_fit_matches_scikit_learn(C):
+    X, y = blobs(600, 20, 4, seed=1)
+    X_test, y_test = blobs(600, 20, 4, seed=2)
+    W, b = fit_logistic(X, y, C, tol=1e-6, device="cpu")
+    ours = torch.softmax(X_test @ W + b, 1).numpy()
+    ref = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(X.double().numpy(), y.numpy())
+    theirs = ref.predict_proba(X_test.double().numpy())
+    assert np.abs(ours - theirs).max() < 1e-3
+    assert abs((ours.argmax(1) == y_test.numpy()).mean() - ref.score(X_test.numpy(), y_test.numpy())) <= 0.005
+    assert 0.5 < ref.score(X_test.numpy(), y_test.numpy()) < 0.95  # a case where C matters
+    torch.testing.assert_close(b.sum(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_standardise_uses_the_training_statistics():
+    tr, other = torch.randn(100, 5) * 3 + 2, torch.randn(10, 5)
+    s_tr, s_other = standardise(tr, other)
+    torch.testing.assert_close(s_tr.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_tr.std(0), torch.ones(5))
+    torch.testing.assert_close(s_other, (other - tr.mean(0)) / tr.std(0))
+
+
+def test_the_C_best_on_validation_is_chosen():
+    # Classes 0 and 1 along the first feature, class 0 four times as common in training; class 2 far off along the
+    # second. As C shrinks the unpenalised bias wins and the 0|1 boundary moves right. Validation points of
+    # class 1 lie right of the boundary of the middle C and points of class 0 left of it, each between it and
+    # a neighbour's boundary, so only the middle C gets them all right. The boundaries come from scikit-learn.
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 80 + [1] * 20 + [2] * 20)
+    X = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 8.0]])[y] + torch.randn(120, 2, generator=g)
+    Cs = [0.01, 0.1, 10.0]
+    S, = standardise(X)
+    mean, std = X.mean(0).double(), X.std(0).double()
+    refs = [LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(S.double().numpy(), y.numpy()) for C in Cs]
+    cuts = []
+    for ref in refs:  # where classes 0 and 1 are equally likely on the line x2 = 0, unstandardised
+        W, b = ref.coef_, ref.intercept_
+        s2 = -mean[1] / std[1]
+        cuts.append(float((b[0] - b[1] + (W[0, 1] - W[1, 1]) * s2) / (W[1, 0] - W[0, 0]) * std[0] + mean[0]))
+    assert cuts[0] - cuts[1] > 0.3 and cuts[1] - cuts[2] > 0.3
+    X_val = torch.tensor([[(cuts[0] + cuts[1]) / 2, 0.0]] * 5 + [[(cuts[1] + cuts[2]) / 2, 0.0]] * 5)
+    y_val = torch.tensor([1] * 5 + [0] * 5)
+    _, S_val = standardise(X, X_val)
+    assert [ref.score(S_val.numpy(), y_val.numpy()) for ref in refs] == [0.5, 1.0, 0.5]
+    result = probe_layer((X, y), (X_val, y_val), (X, y), Cs, device="cpu", tol=1e-6)
+    assert result["val_accs"] == [0.5, 1.0, 0.5]
+    assert result["C"] == 0.1 and result["val_acc"] == 1.0
+    assert 0.8 < result["test_acc"] <= 1.0
+
+
+# ---- the feature cache ----
+
+def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tmp_path, monkeypatch):
+    calls = []
+    features = IGPT.features
+    monkeypatch.setattr(IGPT, "features", lambda self, x, layers: calls.append(list(layers)) or
+                        features(self, x, layers))
+    write_data(tmp_path / "d")
+    ckpt, other = str(tmp_path / "m.pt"), str(tmp_path / "other.pt")
+    save_checkpoint(ckpt, tiny_model(seed=0))
+    save_checkpoint(other, tiny_model(seed=1))
+
+    def probe(layers, ckpt=ckpt):
+        calls.clear()
+        rows = probe_layers(ckpt, str(tmp_path / "d"), layers, [1.0], str(tmp_path / "out"), device="cpu")
+        return rows, sorted({l for c in calls for l in c})
+
+    first, extracted = probe("1")
+    assert extracted == [1] and len(calls) == 3  # tr, va, te: one batch each
+    again, extracted = probe("1")
+    assert extracted == [] and again == first
+    _, extracted = probe("1,2")
+    assert extracted == [2]  # only the layer not yet cached
+    _, extracted = probe("1,2", ckpt=other)
+    assert extracted == [1, 2]
+    save_checkpoint(ckpt, tiny_model(seed=2))  # the same path, new weights
+    os.utime(ckpt, ns=(1, 1))
+    _, extracted = probe("1")
+    assert extracted == [1]
+    assert len(list((tmp_path / "out" / "features").iterdir())) == 3
+    folder = cache_dir(ckpt, str(tmp_path / "d"), str(tmp_path / "out"))
+    fresh = extract_features(IGPT.from_checkpoint(ckpt), np.load(tmp_path / "d_teX.npy"), [1], device="cpu")
+    np.testing.assert_array_equal(np.load(os.path.join(folder, "te_layer001.npy")), fresh[:, 0].numpy())
+
+
+# ---- the command line ----
+
+def test_cli_writes_the_table_and_the_plot(run, tmp_path, capsys):
+    run("--layers", "all")
+    out = capsys.readouterr().out
+    assert "layer" in out and "test acc" in out
+    table = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert [r["layer"] for r in table["rows"]] == [1, 2] and table["Cs"] == [0.1, 1.0]
+    for r in table["rows"]:
+        assert r["C"] in (0.1, 1.0) and len(r["val_accs"]) == 2 and 0 <= r["test_acc"] <= 1
+        assert r["val_acc"] == max(r["val_accs"])
+    img = Image.open(tmp_path / "out" / "probe.png")
+    colors = {c for _, c in img.getcolors(1 << 16)}
+    assert img.size == (640, 400) and {(0, 0, 255), (128, 128, 128), (0, 0, 0)} <= colors  # test, val, axes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "3"], "1..2"),
+    (["--layer", "0"], "1..2"),
+    (["--layers", "one"], "cannot read layers"),
+    (["--Cs", "0,1"], "positive"),
+])
+def test_cli_rejects_bad_layers_and_Cs(run, capsys, args, message):
+    with pytest.raises(SystemExit):
+        run(*args)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_missing_file(run, tmp_path, capsys):
+    os.remove(tmp_path / "d_vaX.npy")
+    with pytest.raises(SystemExit):
+        run()
+    assert "d_vaX.npy" in capsys.readouterr().err
+    os.remove(tmp_path / "m.pt")
+    with pytest.raises(SystemExit):
+        run()
+    assert "m.pt" in capsys.readouterr().err
+
+
+def test_cli_rejects_data_of_another_n_px_or_palette(run, tmp_path, capsys):
+    write_data(tmp_path / "d", n_px=5)
+    with pytest.raises(SystemExit):
+        run()
+    assert "n_px=4" in capsys.readouterr().err
+    write_data(tmp_path / "d", n_vocab=32)
+    with pytest.raises(SystemExit):
+        run()
+    assert "palette" in capsys.readouterr().err
+
+
+def test_cli_needs_labels(run, tmp_path, capsys):
+    os.remove(tmp_path / "d_teY.npy")
+    with pytest.raises(SystemExit):
+        run()
+    assert "d_teY.npy" in capsys.readouterr().err
+
+
+def test_cli_reads_one_hot_labels_as_in_the_original_release(run, tmp_path):
+    run("--out", str(tmp_path / "a"))
+    for split in ("tr", "va", "te"):
+        y = np.load(tmp_path / f"d_{split}Y.npy")
+        np.save(tmp_path / f"d_{split}Y.npy", np.eye(3, dtype=np.float32)[y])
+    run("--out", str(tmp_path / "b"))
+    rows = [json.loads((tmp_path / out / "probe.json").read_text())["rows"] for out in "ab"]
+    assert rows[0] == rows[1]

@@ -1,0 +1,211 @@
+"""train.py: learning, exact resume, DDP equivalence, and the errors that protect a user's run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from igpt import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--log_interval", "1", "--warmup_steps", "2",
+        "--learning_rate", "1e-2"]
+
+
+def write_tokens(folder, n=32, n_px=4, n_vocab=16, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    prefix = os.path.join(folder, "toy")
+    for split in ("tr", "va"):
+        np.save(f"{prefix}_{split}X.npy", rng.integers(0, n_vocab, (n, n_px * n_px), dtype=np.uint16))
+        if labels:
+            np.save(f"{prefix}_{split}Y.npy", rng.integers(0, 3, n))
+    np.save(f"{prefix}_palette.npy", (rng.random((n_vocab, 3)) * 2 - 1).astype(np.float32))
+    return prefix
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r}
+
+
+def run(*args):
+    return train.main([str(a) for a in args])
+
+
+def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
+    prefix = write_tokens(tmp_path, n=4)
+    out = tmp_path / "out"
+    run("--data", prefix, "--out_dir", out, *TINY, "--batch_size", 4, "--micro_batch_size", 4,
+        "--max_steps", 150, "--eval_interval", 150, "--learning_rate", 3e-2, "--grad_clip", 0)
+    final = losses(out)[150]
+    assert final < 0.1 < math.log(16)  # from ln(16) = 2.77 nats to memorised
+
+
+def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 4, "--max_steps", 8,
+              "--eval_interval", 3, "--flip"]
+    run(*common, "--out_dir", tmp_path / "whole")
+
+    saves = []
+    real_save = train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the process is killed right after the step-6 checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--out_dir", tmp_path / "cut")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == 6
+    run("--resume", "--out_dir", tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "cut" / "ckpt.pt")["model"],
+                               load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
+              "--eval_interval", 4, "--device", "cpu"]
+    run(*common, "--out_dir", tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *map(str, common), "--out_dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-5)
+
+
+def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out_dir", tmp_path / "pre", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 2, "--eval_interval", 2)
+    run("--data", prefix, "--out_dir", tmp_path / "ft", "--init_from", tmp_path / "pre" / "ckpt.pt", "--clf",
+        "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 2, "--eval_interval", 2, "--log_interval", 1)
+    ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    assert ckpt["config"]["n_classes"] == 3 and ckpt["model"]["clf.weight"].abs().sum() > 0
+    records = [json.loads(l) for l in open(tmp_path / "ft" / "log.jsonl")]
+    assert any("accuracy" in r for r in records)
+
+
+def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 3, "--eval_interval", 3)
+    result = run("--eval_only", "--init_from", tmp_path / "o" / "ckpt.pt", "--data", prefix,
+                 "--micro_batch_size", 5)
+    from igpt import IGPT
+    model = IGPT.from_checkpoint(tmp_path / "o" / "ckpt.pt")
+    x = torch.from_numpy(np.load(f"{prefix}_vaX.npy").astype(np.int64))
+    with torch.no_grad():
+        assert result["loss"] == pytest.approx(model(x)[1].item(), rel=1e-5)
+
+
+def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
+    prefix = write_tokens(tmp_path)
+    args = ["--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+            "--max_steps", 1, "--eval_interval", 1]
+    run(*args)
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="--resume .* or --force"):
+        run(*args)
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    run(*args, "--force", "--seed", 7)
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() != before
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    prefix = write_tokens(tmp_path)
+    args = ["--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+            "--max_steps", 6, "--eval_interval", 2]
+    real_forward = train.IGPT.forward
+    calls = []
+
+    def poisoned(self, tokens):  # the third training forward, step 3's, returns a NaN loss
+        calls.extend([1] if self.training else [])
+        logits, loss = real_forward(self, tokens)
+        return logits, loss * float("nan") if len(calls) == 3 and self.training else loss
+
+    monkeypatch.setattr(train.IGPT, "forward", poisoned)
+    with pytest.raises(SystemExit, match="step 3: the loss is nan"):
+        run(*args)
+    ckpt = load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_token_values_outside_the_palette_are_a_clear_error(tmp_path):
+    prefix = write_tokens(tmp_path)
+    x = np.load(f"{prefix}_trX.npy")
+    x[3, 5] = 16
+    np.save(f"{prefix}_trX.npy", x)
+    with pytest.raises(SystemExit, match=r"token values span 0..16 but the palette has 16 colours"):
+        run("--data", prefix, "--out_dir", tmp_path / "o", *TINY)
+
+
+def test_images_of_the_wrong_length_are_a_clear_error(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 1, "--eval_interval", 1)
+    os.makedirs(tmp_path / "big")
+    other = write_tokens(tmp_path / "big", n_px=5)
+    with pytest.raises(SystemExit, match="model of 4x4 images but the data has 5x5"):
+        run("--data", other, "--out_dir", tmp_path / "o2", "--init_from", tmp_path / "o" / "ckpt.pt")
+
+
+def test_a_missing_data_path_names_the_file(tmp_path):
+    with pytest.raises((SystemExit, FileNotFoundError), match="nothing_trX.npy"):
+        run("--data", tmp_path / "nothing", "--out_dir", tmp_path / "o")
+
+
+def test_config_file_overrides_defaults_and_flags_override_the_file(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("# overrides\nbatch_size = 16\nlearning_rate = 1e-4  # small\ndata = 'x'\n")
+    cfg, _ = train.parse_config(["--config", str(cfg_file), "--learning_rate", "0.5"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.data) == (16, 0.5, "x")
+    cfg_file.write_text("not_an_option = 3\n")
+    with pytest.raises(SystemExit, match="c.py:1"):
+        train.parse_config(["--config", str(cfg_file)])
+
+
+def test_help_lists_every_option_with_its_default():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    for f in train.fields(train.TrainConfig):
+        assert f"--{f.name}" in result.stdout
+        assert f"(default: {f.default!r})" in result.stdout
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_min_lr():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1)
+    assert train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_batches_cover_each_epoch_once_in_a_seeded_order():
+    b = train.Batches(10, 5, seed=3)
+    first = np.concatenate([b.next(), b.next()])
+    assert sorted(first) == list(range(10)) and b.state() == {"epoch": 0, "cursor": 10}
+    again = train.Batches(10, 5, seed=3)
+    assert np.array_equal(np.concatenate([again.next(), again.next()]), first)
+    assert np.array_equal(b.next(), np.random.default_rng([3, 1]).permutation(10)[:5])
+    assert b.state() == {"epoch": 1, "cursor": 5}
+
+
+def test_flips_reverse_each_row_of_the_image():
+    X = np.arange(2 * 9, dtype=np.uint16).reshape(2, 9)  # two 3x3 images
+    x = train.get_micro_batch(X, np.array([1, 0]), 3, np.array([True, False]), torch.device("cpu"))
+    assert x.tolist() == [[11, 10, 9, 14, 13, 12, 17, 16, 15], list(range(9))]
