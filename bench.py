@@ -49,20 +49,33 @@ def device_name():
 
 @benchmark
 def precision():
-    """iGPT-S logits under bf16 autocast and torch.compile against fp32 eager: relative error (target < 1e-2)."""
+    """iGPT-S on the GPU: logits under bf16 autocast and torch.compile against fp32 eager (target relative error
+    < 1e-2), and the KV-cached decode step (the Triton attention kernel) against the full forward at every one of
+    the 1024 positions, both in fp32 (TF32 off)."""
     from igpt import IGPT, IGPTConfig
     torch.manual_seed(0)
     model = IGPT(IGPTConfig.preset("s")).cuda().eval()
     torch.nn.init.normal_(model.wtet.weight, std=0.02)
     x = torch.randint(0, 512, (8, 1024), device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        ref = model(x)[0].double()
+        ref = model(x)[0]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            fast = torch.compile(model)(x)[0].double()
-    rel = ((fast - ref).norm() / ref.norm()).item()
-    print(f"bf16 + compile vs fp32 eager, iGPT-S logits: relative error {rel:.2e}")
-    return {"relative_error": rel}
+            fast = torch.compile(model)(x)[0]
+        rel = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+        model.setup_kv_cache(len(x))
+        positions = torch.arange(1024, device="cuda")
+        cached = [model.prefill(x[:, :0])] + [model.decode_step(x[:, i - 1], positions[i:i + 1])
+                                              for i in range(1, 1024)]
+        model.setup_kv_cache(None)
+        cached = torch.stack(cached, 1).double()
+        rel_cached = ((cached - ref.double()).norm() / ref.double().norm()).item()
+        max_cached = ((cached - ref.double()).abs().max() / ref.double().abs().max()).item()
+    print(f"iGPT-S logits, bf16 + compile vs fp32 eager: relative error {rel:.2e}")
+    print(f"iGPT-S logits, cached decode steps vs full forward (fp32, all 1024 positions): relative error "
+          f"{rel_cached:.2e}, largest difference {max_cached:.2e} of the largest logit")
+    return {"relative_error_bf16_compiled": rel, "relative_error_cached_fp32": rel_cached,
+            "max_error_cached_fp32": max_cached}
 
 
 # ---- quantize.py: palette fit and encoding ----
@@ -250,8 +263,8 @@ def train():
     """train.py's images/s and MFU for iGPT-S and -M, beside transformers' ImageGPT (S)."""
     from igpt import IGPT, IGPTConfig
     out = {}
-    for size, micro, batch in [("s", 64, 128), ("m", 32, 128)]:
-        ips, mfu = _train_py_throughput(size, micro, batch)
+    for size, micro, batch, steps in [("s", 64, 128, 60), ("m", 32, 128, 40)]:
+        ips, mfu = _train_py_throughput(size, micro, batch, steps)
         out[f"ours_{size}"] = {"images_per_s": ips, "mfu": mfu, "micro_batch_size": micro}
         print(f"ours iGPT-{size.upper()}: {ips:.0f} images/s, MFU {100 * mfu:.1f}% (micro-batch {micro})", flush=True)
     for size, micro in [("s", 16)]:
@@ -292,13 +305,17 @@ def _time_generate(model, batch_size, repeat=3):
 
 
 def _hf_generate_seconds(batch_size):
+    """transformers' generate for ImageGPT (its own KV cache, eager), iGPT-S in bf16, 1024 sampled tokens."""
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
     model = ImageGPTForCausalImageModeling(ImageGPTConfig(vocab_size=513, n_positions=1024, n_embd=512,
                                                           n_layer=24, n_head=8)).to("cuda", torch.bfloat16).eval()
     context = torch.full((batch_size, 1), 512, device="cuda")
-    run = lambda: model.generate(context, max_length=1025, do_sample=True, top_k=0, pad_token_id=0)
-    seconds = timeit(run, warmup=1, repeat=1)
+    run = lambda length: model.generate(context, max_length=length, min_length=length, do_sample=True, top_k=0,
+                                        pad_token_id=0)
+    run(17)  # warm-up: kernels loaded, handles made; a whole image takes tens of seconds and teaches nothing more
+    seconds = timeit(lambda: run(1025), warmup=0, repeat=1)
     del model
+    torch.cuda.empty_cache()
     return seconds
 
 
@@ -327,14 +344,20 @@ def sample():
 
 @benchmark
 def sample_throughput():
-    """Images per second at large batches for iGPT-S, -M and -L (bf16, compiled step)."""
+    """Images per second at a large batch for iGPT-S, -M and -L (bf16, compiled step), the batch each fills the
+    GPU's bandwidth with (the cache of a batch grows with it; the weights are read once a step whatever the batch).
+    IGPT_BENCH_SIZES=s,m picks sizes."""
     out = {}
-    for size, batch_sizes in [("s", (256, 512)), ("m", (128, 256)), ("l", (64, 128))]:
+    sizes = os.environ.get("IGPT_BENCH_SIZES", "s,m,l").split(",")
+    for size, batch_size in [("s", 512), ("m", 256), ("l", 128)]:
+        if size not in sizes:
+            continue
+        torch._dynamo.reset()  # a fresh compile per model, so no size runs into the recompile limit
         model = _sampling_model(size)
-        for batch_size in batch_sizes:
-            seconds = _time_generate(model, batch_size, repeat=1)
-            out[f"{size}_b{batch_size}"] = batch_size / seconds
-            print(f"iGPT-{size.upper()} batch {batch_size}: {batch_size / seconds:.1f} images/s", flush=True)
+        seconds = _time_generate(model, batch_size, repeat=1)
+        out[f"{size}_b{batch_size}"] = {"images_per_s": batch_size / seconds, "seconds": seconds}
+        print(f"iGPT-{size.upper()} batch {batch_size}: {batch_size / seconds:.1f} images/s "
+              f"({seconds:.2f}s a batch)", flush=True)
         del model
         torch.cuda.empty_cache()
     return out

@@ -385,7 +385,7 @@ _compiled_step = None
 def _compiled_decode_and_sample():
     global _compiled_step
     if _compiled_step is None:  # one compile per process; CUDA graphs remove the per-kernel launch cost
-        _compiled_step = torch.compile(_decode_and_sample, mode="reduce-overhead", fullgraph=True)
+        _compiled_step = torch.compile(_decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_step
 
 

@@ -288,7 +288,7 @@ def main(argv=None):
                    "the mean objective is at most this (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, args.device,
+        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, args.device,
                      None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

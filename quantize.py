@@ -775,6 +775,8 @@ def main(argv=None):
           + f"; mse per pixel on tr {mse:.6f} (rms {127.5 * math.sqrt(mse / 3):.2f} of 255 per channel)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print(f"wrote {', '.join(written)}")
+    return {"images": {s: len(x) for s, (x, _) in splits.items()}, "classes": classes, "palette_mse": mse,
+            "seconds": times}
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def main(argv=None):
     save_grid(grid, png, scale=args.scale)
     np.save(npy, tokens)
     print(f"wrote {png} and {npy}")
+    return {"png": png, "npy": npy, "images": total, "seconds": elapsed}
 
 
 if __name__ == "__main__":

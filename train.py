@@ -362,6 +362,8 @@ def main(argv=None):
         f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
     model.train()
     t0, images_since = time.time(), 0
+    first_bad, bad_loss = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
+    val_loss = acc = None
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -385,12 +387,11 @@ def main(argv=None):
             loss_acc += loss.detach() / accum
         if world > 1:
             dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
-        loss_value = loss_acc.item()
-        if not math.isfinite(loss_value):
-            # stop before the optimizer applies it: the last checkpoint stays the last good state
-            raise SystemExit(f"step {step + 1}: the loss is {loss_value}; stopping without updating the weights. "
-                             f"The last good checkpoint is {ckpt_path} (if one was written): resume from it with "
-                             "a lower --learning_rate or a smaller --grad_clip")
+        # Remember the first step whose loss was not finite, on the device: reading the loss on the host every step
+        # would make the CPU wait for the GPU instead of queueing the next step. It is read before each log line
+        # and each checkpoint, so weights touched by a bad step are never saved.
+        newly_bad = (first_bad == 0) & ~torch.isfinite(loss_acc)
+        first_bad, bad_loss = torch.where(newly_bad, step + 1, first_bad), torch.where(newly_bad, loss_acc, bad_loss)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -398,6 +399,13 @@ def main(argv=None):
         step += 1
         images_since += cfg.batch_size
 
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if first_bad.item():
+                raise SystemExit(f"step {first_bad.item()}: the loss is {bad_loss.item()}; stopping. Weights "
+                                 f"from that step on are not saved. The last good checkpoint is {ckpt_path} (if "
+                                 "one was written): resume from it with a lower --learning_rate or a smaller "
+                                 "--grad_clip")
+            loss_value = loss_acc.item()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             ips = images_since / dt
@@ -417,7 +425,7 @@ def main(argv=None):
             t0, images_since = time.time(), 0
     if world > 1:
         dist.destroy_process_group()
-    return {"step": step}
+    return {"step": step, f"{cfg.eval_split}_loss": val_loss, "accuracy": acc}
 
 
 if __name__ == "__main__":

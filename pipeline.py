@@ -1,0 +1,132 @@
+"""
+The whole method end to end in one command: quantize -> train -> evaluate -> sample -> complete -> probe.
+
+    python pipeline.py                                                   # built-in shapes, CPU, a few minutes
+    python pipeline.py --recipe cifar10 --source data/cifar10-jpeg.zip   # CIFAR-10 from scratch, one GPU
+    python pipeline.py --recipe cifar10 --stages sample,complete --force # redo some stages of that run
+
+Each stage is the matching script run with the recipe's flags (RECIPES below; `python X.py --help` explains
+them), so every result can be reproduced stage by stage by hand. Under --out (default out/RECIPE) it writes:
+
+    data/RECIPE_{tr,va,te}{X,Y}.npy, _palette.npy, _preview.png      quantize.py: tokens, palette, preview
+    train/ckpt.pt, train/log.jsonl                                    train.py: the model and its training log
+    samples.png, completions.png (and .npy)                           sample.py: samples and completions
+    probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer
+    summary.json                                                      every stage's figures and wall time
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import probe
+import quantize
+import sample
+import train
+
+# Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
+RECIPES = {
+    # 16x16 coloured shapes drawn on the fly (quantize.make_shapes): no download, a few minutes on two CPU cores.
+    "shapes": {
+        "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "16"],
+        "train": ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--batch_size", "32",
+                  "--micro_batch_size", "32", "--max_steps", "400", "--learning_rate", "3e-3",
+                  "--warmup_steps", "40", "--eval_interval", "200", "--log_interval", "20"],
+        "sample": ["--num_samples", "16", "--scale", "8"],
+        "complete": ["--num_prime", "8", "--num_samples", "3", "--scale", "8"],
+        "probe": ["--Cs", "0.01,0.1,1"],
+    },
+    # CIFAR-10 from scratch on one H100 in about 10 minutes: a 12-layer, 512-wide iGPT (half of iGPT-S's depth,
+    # 39M parameters) for 3,000 steps of 128 images (8.5 epochs of the 45,000-image train split).
+    "cifar10": {
+        "quantize": ["{source}:train", "--test", "{source}:test"],
+        "train": ["--n_layer", "12", "--n_embd", "512", "--n_head", "8", "--batch_size", "128",
+                  "--micro_batch_size", "128", "--max_steps", "3000", "--learning_rate", "2e-3",
+                  "--warmup_steps", "200", "--eval_interval", "1000", "--log_interval", "50"],
+        "sample": ["--num_samples", "64", "--batch_size", "64"],
+        "complete": ["--prime_rows", "16", "--num_prime", "16", "--num_samples", "4", "--batch_size", "64"],
+        "probe": ["--Cs", "0.01,0.1,1"],
+    },
+}
+SCRIPTS = {"quantize": quantize, "train": train, "evaluate": train, "sample": sample, "complete": sample,
+           "probe": probe}  # each stage runs SCRIPT.main(argv), in this process
+STAGES = tuple(SCRIPTS)
+
+
+def stage_args(recipe, stage, out, source, force, device):
+    """The argv of one stage's script: the recipe's flags plus the paths that tie the stages together."""
+    flags = [a.format(source=source) for a in RECIPES[recipe].get(stage, [])]
+    data, ckpt = os.path.join(out, "data", recipe), os.path.join(out, "train", "ckpt.pt")
+    overwrite = ["--force"] if force else []
+    if stage == "quantize":
+        return flags + ["--out", data, "--device", device] + overwrite
+    if stage == "train":
+        return flags + ["--data", data, "--out_dir", os.path.join(out, "train"), "--device", device] + overwrite
+    if stage == "evaluate":
+        return ["--eval_only", "--init_from", ckpt, "--data", data, "--eval_split", "te", "--device", device]
+    if stage == "sample":
+        return flags + ["--ckpt", ckpt, "--out", os.path.join(out, "samples"), "--device", device] + overwrite
+    if stage == "complete":
+        return flags + ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", os.path.join(out, "completions"),
+                        "--device", device] + overwrite
+    return flags + ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")] + \
+        ([] if device == "auto" else ["--device", device])
+
+
+def summarise(stage, result):
+    """The figures of a stage worth keeping in summary.json."""
+    if stage == "probe":
+        best = max(result, key=lambda r: r["val_acc"])
+        return {"best_layer": best["layer"], "best_test_acc": best["test_acc"],
+                "test_acc_by_layer": {r["layer"]: r["test_acc"] for r in result}}
+    if stage in ("sample", "complete"):
+        return {"png": result["png"], "images": result["images"]}
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES), help="what to train (default: shapes)")
+    p.add_argument("--source", default="data/cifar10-jpeg.zip",
+                   help="the images for recipes that read a dataset: a zip or folder with train/ and test/ class "
+                        "folders, or CIFAR-10's python pickle folder (default: %(default)s)")
+    p.add_argument("--out", default="", help="output folder (default: out/RECIPE)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated stages to run, in order (default: all: {','.join(STAGES)})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="let the stages overwrite their earlier outputs")
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    needs_source = "quantize" in stages and any("{source}" in a for a in RECIPES[args.recipe]["quantize"])
+    if needs_source and not os.path.exists(args.source):
+        p.error(f"--source {args.source!r} does not exist: the {args.recipe} recipe reads its images from it "
+                "(a zip or folder with train/ and test/ class folders, e.g. CIFAR-10 as JPEGs)")
+    out = args.out or os.path.join("out", args.recipe)
+    summary_path = os.path.join(out, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    summary["recipe"] = args.recipe
+    for stage in stages:
+        argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device)
+        print(f"== {stage}: python {SCRIPTS[stage].__name__}.py {' '.join(argv_stage)}", flush=True)
+        t0 = time.time()
+        result = SCRIPTS[stage].main(argv_stage)
+        summary[stage] = {**summarise(stage, result), "wall_seconds": round(time.time() - t0, 1),
+                          "argv": argv_stage}
+        os.makedirs(out, exist_ok=True)
+        with open(summary_path + ".tmp", "w") as f:  # after every stage, so a run cut short keeps its figures
+            json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".tmp", summary_path)
+    print(f"== done: {summary_path}")
+    for stage in STAGES:
+        if stage in summary:
+            figures = {k: v for k, v in summary[stage].items() if k not in ("argv", "test_acc_by_layer")}
+            print(f"{stage:>9}: {json.dumps(figures)}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,126 @@
+"""sample.py: grids of samples and completions, reproducible by seed, and clear errors for bad inputs."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from igpt import generate, save_checkpoint
+from quantize import decode
+from tiny import tiny_model
+
+N_PX, N_VOCAB, SCALE, PAD = 4, 16, 2, 2
+
+
+def palette(n=N_VOCAB, seed=0):
+    return (np.random.default_rng(seed).random((n, 3)) * 2 - 1).astype(np.float32)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, tiny_model(), palette=palette())
+    return str(path)
+
+
+def run(*args):
+    return sample.main([str(a) for a in args])
+
+
+def tile(grid, row, col):
+    """The image at (row, col) of a grid written by save_grid with scale SCALE, pixels back at 1x1."""
+    size = N_PX * SCALE + PAD
+    y, x = PAD + row * size, PAD + col * size
+    return grid[y:y + N_PX * SCALE:SCALE, x:x + N_PX * SCALE:SCALE]
+
+
+def test_unconditional_grid_shows_the_sampled_tokens_and_the_seed_reproduces_them(ckpt, tmp_path):
+    run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 5, "--batch_size", 2, "--scale", SCALE, "--seed", 3)
+    tokens = np.load(tmp_path / "a.npy")
+    assert tokens.shape == (5, N_PX * N_PX) and tokens.dtype == np.uint16
+    grid = np.asarray(Image.open(tmp_path / "a.png"))
+    images = decode(tokens, palette())
+    for i in range(5):  # 5 samples lie in rows of ceil(sqrt(5)) = 3
+        np.testing.assert_array_equal(tile(grid, i // 3, i % 3), images[i])
+    run("--ckpt", ckpt, "--out", tmp_path / "b", "--num_samples", 5, "--batch_size", 2, "--seed", 3)
+    run("--ckpt", ckpt, "--out", tmp_path / "c", "--num_samples", 5, "--batch_size", 2, "--seed", 4)
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), tokens)
+    assert not np.array_equal(np.load(tmp_path / "c.npy"), tokens)
+
+
+def test_the_tokens_are_generate_with_the_seeded_generator(ckpt, tmp_path):
+    run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 3, "--seed", 9, "--top_k", 4)
+    expected = generate(tiny_model(), num_samples=3, top_k=4, generator=torch.Generator().manual_seed(9))
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), expected.numpy())
+
+
+def test_completions_keep_the_primed_rows_and_the_grid_shows_kept_completions_original(ckpt, tmp_path):
+    originals = np.random.default_rng(0).integers(0, N_VOCAB, (3, N_PX * N_PX)).astype(np.uint16)
+    np.save(tmp_path / "teX.npy", originals)
+    run("--ckpt", ckpt, "--prime", tmp_path / "teX.npy", "--num_prime", 2, "--num_samples", 3, "--prime_rows", 1,
+        "--out", tmp_path / "c", "--scale", SCALE)
+    tokens = np.load(tmp_path / "c.npy")
+    assert tokens.shape == (6, N_PX * N_PX)
+    np.testing.assert_array_equal(tokens[:, :N_PX], np.repeat(originals[:2, :N_PX], 3, axis=0))
+    grid = np.asarray(Image.open(tmp_path / "c.png"))
+    for r in range(2):
+        kept = tile(grid, r, 0)
+        np.testing.assert_array_equal(kept[:1], decode(originals[r:r + 1], palette())[0][:1])
+        assert (kept[1:] == 128).all()  # grey where the model fills in
+        for j in range(3):
+            np.testing.assert_array_equal(tile(grid, r, 1 + j), decode(tokens[3 * r + j:3 * r + j + 1], palette())[0])
+        np.testing.assert_array_equal(tile(grid, r, 4), decode(originals[r:r + 1], palette())[0])
+
+
+def test_prime_images_are_quantized_with_the_palette(ckpt, tmp_path):
+    colours = np.clip(np.rint(127.5 * (palette() + 1)), 0, 255).astype(np.uint8)
+    want = np.random.default_rng(1).integers(0, N_VOCAB, N_PX * N_PX)
+    Image.fromarray(colours[want].reshape(N_PX, N_PX, 3)).save(tmp_path / "p.png")
+    run("--ckpt", ckpt, "--prime", tmp_path / "p.png", "--num_samples", 1, "--prime_rows", 2, "--out", tmp_path / "c")
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy")[0, :2 * N_PX], want[:2 * N_PX])
+
+
+def test_existing_outputs_are_not_overwritten_without_force(ckpt, tmp_path):
+    run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1)
+    before = (tmp_path / "a.png").read_bytes()
+    with pytest.raises(SystemExit, match="a.png exists.*--force"):
+        run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1, "--seed", 1)
+    assert (tmp_path / "a.png").read_bytes() == before
+    run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1, "--seed", 1, "--force")
+
+
+def test_a_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nope.pt"):
+        run("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "a")
+
+
+def test_a_checkpoint_without_palette_asks_for_one(tmp_path):
+    path = tmp_path / "bare.pt"
+    save_checkpoint(path, tiny_model())
+    with pytest.raises(SystemExit, match="holds no palette: give one with --palette"):
+        run("--ckpt", path, "--out", tmp_path / "a")
+    np.save(tmp_path / "p.npy", palette())
+    run("--ckpt", path, "--palette", tmp_path / "p.npy", "--out", tmp_path / "a", "--num_samples", 1)
+
+
+def test_a_palette_of_the_wrong_size_is_refused(ckpt, tmp_path):
+    np.save(tmp_path / "p.npy", palette(8))
+    with pytest.raises(SystemExit, match=r"palette has shape \[8, 3\] but the model needs \[16, 3\]"):
+        run("--ckpt", ckpt, "--palette", tmp_path / "p.npy", "--out", tmp_path / "a")
+
+
+@pytest.mark.parametrize("prime, message", [
+    (np.zeros((2, 9), np.uint16), r"expected integer tokens \[N, 16\] for this 4x4 model"),
+    (np.full((2, 16), 16, np.uint16), r"token values must lie in 0..15"),
+    (np.zeros((2, 16), np.float32), r"expected integer tokens"),
+])
+def test_bad_prime_tokens_are_refused(ckpt, tmp_path, prime, message):
+    np.save(tmp_path / "p.npy", prime)
+    with pytest.raises(SystemExit, match=message):
+        run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--out", tmp_path / "a")
+
+
+def test_prime_rows_must_leave_something_to_complete(ckpt, tmp_path):
+    np.save(tmp_path / "p.npy", np.zeros((1, 16), np.uint16))
+    with pytest.raises(SystemExit, match=r"--prime_rows must lie in 1..3"):
+        run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--prime_rows", 4, "--out", tmp_path / "a")
