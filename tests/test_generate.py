@@ -100,8 +100,9 @@ KERNEL_CHECK = """
 import torch, igpt
 torch.manual_seed(0)
 igpt.DECODE_BLOCK = 16
+shapes = [(2, 3, 130, 16), (1, 2, 64, 32), (2, 2, 70, 24)]  # B, H, T, D; 24 is no power of 2, like iGPT-L's 96
 cases = [(programs, shape, p) for programs in [1, 8, 1000]  # one split per sequence, a few, one block per split
-         for shape in [(2, 3, 130, 16), (1, 2, 64, 32)] for p in [0, 1, 15, 16, 63, 64, shape[2] - 1]]
+         for shape in shapes for p in [0, 1, 15, 16, 63, 64, shape[2] - 1]]
 for programs, (B, H, T, D), p in cases:
     igpt.DECODE_PROGRAMS = programs
     k, v = torch.randn(2, B, H, T, D)
