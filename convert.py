@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig, save_checkpoint
+from quantize import load_palette
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/image-gpt"
 STEPS = (131000, 262000, 524000, 1000000)  # the released training steps
@@ -500,16 +501,6 @@ def download_release(model, step, folder, palette=False, dataset=None, base_url=
     for split in SPLITS if dataset else ():
         fetch(f"{base_url}/datasets/{dataset}_{split}.npy", os.path.join(folder, f"{dataset}_{split}.npy"))
     return prefix
-
-
-# ---- writing our checkpoint ----
-
-def load_palette(path, n_vocab=None):
-    """A palette .npy (e.g. the release's kmeans_centers.npy) as float32 [n_vocab, 3]."""
-    palette = np.load(path)
-    if palette.ndim != 2 or palette.shape[1] != 3 or (n_vocab is not None and palette.shape[0] != n_vocab):
-        raise ValueError(f"palette {path} has shape {palette.shape}; expected [{n_vocab or 'n_vocab'}, 3]")
-    return palette.astype(np.float32)
 
 
 def _refuse_overwrite(path, force):

@@ -37,14 +37,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from igpt import IGPT
-from quantize import load_tokens
+from quantize import default_device, load_tokens
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_layers(spec, n_layer):
@@ -275,8 +271,9 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="token files' prefix: {data}_trX.npy, ... (from quantize.py)")
     p.add_argument("--layers", "--layer", default="all",
                    help="layers to probe: all, one (16), a list (8,12,16) or a range (10-20) (default: %(default)s)")
-    p.add_argument("--Cs", default=DEFAULT_CS, metavar="C,C,...", help="inverse regularisation strengths to choose from on va, "
-                   "as scikit-learn's C (default: %(default)s)")
+    p.add_argument("--Cs", default=DEFAULT_CS, metavar="C,C,...",
+                   help="inverse regularisation strengths to choose from on va, as scikit-learn's C "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images a forward pass (default: %(default)s)")

@@ -67,6 +67,7 @@ SPLITS = ("tr", "va", "te")
 
 
 def default_device():
+    """Where the palette, encoding and probe work run by default: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

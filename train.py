@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -195,6 +196,20 @@ def build_model(cfg, n_px, n_vocab, n_classes):
     return IGPT(IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, **sizes)), None
 
 
+class FineTuneLoss(nn.Module):
+    """The fine-tuning objective, as in the paper: cross-entropy of the classifier on the mean-pooled final features
+    plus gen_weight times the generative loss. One module, so that DDP, which synchronises the gradients of what
+    runs through its forward, sees all of it."""
+
+    def __init__(self, model, gen_weight):
+        super().__init__()
+        self.model, self.gen_weight = model, gen_weight
+
+    def forward(self, tokens, labels):
+        clf_logits, gen_loss = self.model.classify(tokens)
+        return F.cross_entropy(clf_logits, labels) + self.gen_weight * gen_loss
+
+
 def lr_at(step, cfg):
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -313,6 +328,7 @@ def main(argv=None):
                              cfg.eval_images)
         log(f"{cfg.eval_split} loss {loss:.4f} nats per token" + (f", accuracy {acc:.4f}" if acc is not None else ""))
         if world > 1:
+            dist.barrier()
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
 
@@ -333,11 +349,12 @@ def main(argv=None):
         log(f"resumed from {ckpt_path} at step {step}")
 
     raw_model = model
+    if cfg.clf:
+        model = FineTuneLoss(model, cfg.gen_weight)
     if do_compile:
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
-    forward_model = model.module if world > 1 else model  # for classify(), which DDP does not wrap
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -378,9 +395,7 @@ def main(argv=None):
             sync = micro == accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 if cfg.clf:
-                    y = torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device)
-                    clf_logits, gen_loss = forward_model.classify(x)
-                    loss = F.cross_entropy(clf_logits, y) + cfg.gen_weight * gen_loss
+                    loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device))
                 else:
                     loss = model(x)[1]
                 (loss / accum).backward()
@@ -418,12 +433,14 @@ def main(argv=None):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss, acc = evaluate(raw_model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                                      cfg.eval_images)
-            log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+            log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}"
+                + (f", accuracy {acc:.4f}" if acc is not None else ""))
             write_log({"step": step, f"{cfg.eval_split}_loss": val_loss,
                        **({"accuracy": acc} if acc is not None else {})})
             save(step)
             t0, images_since = time.time(), 0
     if world > 1:
+        dist.barrier()  # rank 0 may still be writing the last checkpoint; leave together
         dist.destroy_process_group()
     return {"step": step, f"{cfg.eval_split}_loss": val_loss, "accuracy": acc}
 

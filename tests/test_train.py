@@ -72,10 +72,11 @@ def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("task", [[], ["--clf"]], ids=["pretraining", "fine-tuning"])
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, task):
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
-              "--eval_interval", 4, "--device", "cpu"]
+              "--eval_interval", 4, "--device", "cpu", *task]
     run(*common, "--out_dir", tmp_path / "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *map(str, common), "--out_dir", str(tmp_path / "two")]
@@ -85,6 +86,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-5)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "two" / "ckpt.pt")["model"],
+                               load_checkpoint(tmp_path / "one" / "ckpt.pt")["model"], rtol=1e-3, atol=1e-5)
 
 
 def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
