@@ -1,0 +1,78 @@
+"""pipeline.py: the stages chain through their files, the summary keeps every figure, reruns are explicit."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline
+from igpt import IGPT
+from quantize import load_tokens
+
+TINY = {
+    "quantize": ["shapes", "--test", "shapes", "--num_images", "60", "--n_px", "4", "--k", "8"],
+    "train": ["--n_layer", "2", "--n_embd", "16", "--n_head", "2", "--batch_size", "8", "--micro_batch_size", "8",
+              "--max_steps", "3", "--warmup_steps", "1", "--eval_interval", "3", "--log_interval", "1"],
+    "sample": ["--num_samples", "2"],
+    "complete": ["--num_prime", "2", "--num_samples", "2"],
+    "probe": ["--Cs", "1"],
+}
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(pipeline.RECIPES, "tiny", TINY)
+    return lambda *args: pipeline.main(["--recipe", "tiny", "--device", "cpu", *map(str, args)])
+
+
+def test_every_stage_runs_on_the_files_of_the_one_before(tiny, tmp_path):
+    out = tmp_path / "run"
+    summary = tiny("--out", out)
+    assert list(summary) == ["recipe", *pipeline.STAGES]
+    model = IGPT.from_checkpoint(out / "train" / "ckpt.pt")
+    teX, _ = load_tokens(str(out / "data" / "tiny"), "te")
+    with torch.no_grad():
+        test_loss = model(torch.from_numpy(teX.astype(np.int64)))[1].item()
+    assert summary["evaluate"]["loss"] == pytest.approx(test_loss, rel=1e-5)
+    assert np.load(out / "samples.npy").shape == (2, 16)
+    completions = np.load(out / "completions.npy")
+    np.testing.assert_array_equal(completions[:, :8], np.repeat(teX[:2, :8], 2, axis=0))  # n_px/2 rows kept
+    assert summary["probe"]["best_layer"] in (1, 2) and 0 <= summary["probe"]["best_test_acc"] <= 1
+    assert json.load(open(out / "summary.json")) == json.loads(json.dumps(summary))
+    assert all(math.isfinite(summary[s]["wall_seconds"]) for s in pipeline.STAGES)
+
+
+def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = tiny("--out", out)
+    with pytest.raises(SystemExit, match="samples.png exists"):
+        tiny("--out", out, "--stages", "sample")
+    (out / "samples.png").unlink()
+    (out / "samples.npy").write_bytes(b"stale")
+    again = tiny("--out", out, "--stages", "sample", "--force")
+    assert again["train"] == json.loads(json.dumps(first["train"]))
+    assert (out / "samples.png").exists() and np.load(out / "samples.npy").shape == (2, 16)
+
+
+def test_a_recipe_that_reads_a_dataset_names_the_missing_source(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--recipe", "cifar10", "--source", str(tmp_path / "nope.zip"), "--out", str(tmp_path)])
+    assert "--source" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+def test_unknown_stages_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--stages", "quantize,trian"])
+    assert "unknown stage(s) ['trian']" in capsys.readouterr().err
+
+
+def test_the_cifar10_recipe_points_every_stage_at_the_same_run():
+    argv = {s: pipeline.stage_args("cifar10", s, "out/c", "d.zip", False, "auto") for s in pipeline.STAGES}
+    assert argv["quantize"][:3] == ["d.zip:train", "--test", "d.zip:test"]
+    assert argv["train"][argv["train"].index("--data") + 1] == "out/c/data/cifar10"
+    for stage in ("evaluate", "sample", "complete", "probe"):
+        flag = "--init_from" if stage == "evaluate" else "--ckpt"
+        assert argv[stage][argv[stage].index(flag) + 1] == "out/c/train/ckpt.pt"
+    assert "out/c/data/cifar10_teX.npy" in argv["complete"]
