@@ -57,7 +57,7 @@ def precision():
     model = IGPT(IGPTConfig.preset("s")).cuda().eval()
     torch.nn.init.normal_(model.wtet.weight, std=0.02)
     x = torch.randint(0, 512, (8, 1024), device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     with torch.no_grad():
         ref = model(x)[0]
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -71,6 +71,7 @@ def precision():
         cached = torch.stack(cached, 1).double()
         rel_cached = ((cached - ref.double()).norm() / ref.double().norm()).item()
         max_cached = ((cached - ref.double()).abs().max() / ref.double().abs().max()).item()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"iGPT-S logits, bf16 + compile vs fp32 eager: relative error {rel:.2e}")
     print(f"iGPT-S logits, cached decode steps vs full forward (fp32, all 1024 positions): relative error "
           f"{rel_cached:.2e}, largest difference {max_cached:.2e} of the largest logit")
@@ -350,9 +351,8 @@ def sample():
 
 @benchmark
 def sample_throughput():
-    """Images per second at a large batch for iGPT-S, -M and -L (bf16, compiled step), the batch each fills the
-    GPU's bandwidth with (the cache of a batch grows with it; the weights are read once a step whatever the batch).
-    IGPT_BENCH_SIZES=s,m picks sizes."""
+    """Images per second at a large batch for iGPT-S, -M and -L (bf16, compiled step): 512, 256 and 128
+    sequences, as many as keep the caches well inside 80 GB. IGPT_BENCH_SIZES=s,m picks sizes."""
     out = {}
     sizes = os.environ.get("IGPT_BENCH_SIZES", "s,m,l").split(",")
     for size, batch_size in [("s", 512), ("m", 256), ("l", 128)]:

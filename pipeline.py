@@ -70,8 +70,7 @@ def stage_args(recipe, stage, out, source, force, device):
     if stage == "complete":
         return flags + ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", os.path.join(out, "completions"),
                         "--device", device] + overwrite
-    return flags + ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")] + \
-        ([] if device == "auto" else ["--device", device])
+    return flags + ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe"), "--device", device]
 
 
 def summarise(stage, result):

@@ -277,7 +277,8 @@ def main(argv=None):
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images a forward pass (default: %(default)s)")
-    p.add_argument("--device", default=default_device(), help="cuda, cpu, ... (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda, cpu, ... "
+                   "(default: %(default)s)")
     p.add_argument("--compile", type=int, choices=[0, 1], default=None,
                    help="torch.compile the blocks for extraction (default: 1 on CUDA, 0 on the CPU)")
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: %(default)s)")
@@ -285,7 +286,8 @@ def main(argv=None):
                    "the mean objective is at most this (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, args.device,
+        device = default_device() if args.device == "auto" else args.device
+        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, device,
                      None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
