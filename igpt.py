@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -83,11 +84,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # generating: attend to the cached positions up to each query's own
             k, v = self.kv_cache.update(input_pos, k, v)
-            if T == 1 and q.is_cuda and triton is not None:
-                y = decode_attention(q, k, v, input_pos)
-            else:
-                mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -233,9 +231,21 @@ class IGPT(nn.Module):
         return self._decode(h, input_pos)[:, -1]
 
     def _decode(self, h, input_pos):
+        if h.size(1) == 1 and self.can_fuse_decode(h):
+            x = h[:, 0]
+            for block in self.h:
+                x = fused_decode_block(block, x, input_pos)
+            return fused_linear(x, self.wtet.weight, self.ln_f.g, None, False, self.ln_f.eps).float()[:, None]
         for block in self.h:
             h = block(h, input_pos)
         return self.wtet(self.ln_f(h)).float()
+
+    def can_fuse_decode(self, h):
+        """Whether a one-token step runs the fused kernels below: on the GPU with Triton (or in Triton's CPU
+        interpreter, TRITON_INTERPRET=1, which the tests use), for widths and palettes in multiples of 16."""
+        c = self.config
+        return (triton is not None and (h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+                and c.n_embd % 16 == 0 and c.n_vocab % 16 == 0)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
@@ -268,40 +278,93 @@ class IGPT(nn.Module):
         return self.flops_per_token() * self.config.block_size * images_per_second / peak_flops
 
 
-# ---- decode attention on the GPU: one query per sequence against its cached prefix, split over the positions ----
+# ---- the decode step on the GPU: five kernels a block ----
+#
+# With one new token per sequence every matrix product is thin (B rows against a weight of up to 2048 x 512), so a
+# kernel costs its launch and latency, not its arithmetic, and the plain block's eleven kernels a step (two norms,
+# four products, the activation, two cache writes, attention and its combine) cost nearly as much as the KV-cache
+# reads that are the real work. Each norm fuses into the product that follows it (x W g * rsqrt(mean(x^2) + eps), the
+# row scale applied after the product), the activation and the residual add into the product's epilogue, and the
+# cache write into attention, which leaves five kernels a block:
+#     qkv = norm_1(x) W_attn,  y = attend(q, cache + (k, v)),  x += y W_proj,  h = gelu(norm_2(x) W_fc),  x += h W_out
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the decode step uses scaled_dot_product_attention with a mask
+except ImportError:  # CPU-only installs: the decode step runs the blocks' own forward
     triton = None
 
-DECODE_BLOCK = 64        # cache positions per loop iteration of a program
-DECODE_PROGRAMS = 1024   # about how many programs to split one layer's decode attention into
+# Attention's launch, the fastest on an H100 for iGPT-S at batch 64 of 512-4096 programs, blocks of 32-128 positions
+# and 2-8 warps:
+DECODE_BLOCK = 128       # cache positions per loop iteration of an attention program
+DECODE_TILE = 8192       # at most this many elements of k (and of v) per iteration, so wider heads keep registers
+DECODE_PROGRAMS = 512    # split a layer's attention over the positions until it has about this many programs
+DECODE_WARPS = 2         # twice as many for heads padded to a power of 2, as iGPT-L's 96 (see sample_throughput)
 
 if triton is not None:
     @triton.jit
-    def _decode_attention_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, max_ptr, sum_ptr, q_stride_b, q_stride_h,
-                                n_head, max_len, split_len, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                                BLOCK: tl.constexpr):
-        # One program: one (sequence, head) and the cache positions [start, start + split_len) that are <= pos,
-        # by an online softmax; it writes the unnormalised result with its max and sum for the combine kernel.
+    def _fused_linear(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, M, N, K, eps, NORM: tl.constexpr,
+                      GELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        # out[m, n] = act(sum_k x[m, k] g[k] w[n, k] * r[m]) (+ res[m, n]), with r[m] = rsqrt(mean_k x[m, k]^2 + eps)
+        # when NORM (else g = r = 1). w is nn.Linear's [N, K]; N and K are multiples of the blocks.
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = rm[:, None] < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        sum_sq = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=rows, other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                sum_sq += tl.sum(xf * xf, 1)
+                x = (xf * tl.load(g_ptr + rk).to(tl.float32)[None, :]).to(x.dtype)
+            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None])
+            acc = tl.dot(x, w, acc, input_precision="ieee")  # ieee: float32 weights stay exact (bf16 ignores it)
+        if NORM:
+            acc *= tl.rsqrt(sum_sq / K + eps)[:, None]
+        if GELU:
+            acc *= tl.sigmoid(1.702 * acc)
+        out = rm[:, None] * N + rn[None, :]
+        if RESIDUAL:
+            acc += tl.load(res_ptr + out, mask=rows, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=rows)
+
+    @triton.jit
+    def _decode_attention_split(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr,
+                                sum_ptr, stride_b, stride_h, n_head, max_len, split_len, scale,
+                                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                                SPLIT: tl.constexpr):
+        # One program: one (sequence, head) and the positions [start, start + split_len) that are <= pos, by an
+        # online softmax. The new token's own key and value come from k_new, v_new: the program whose split holds
+        # pos starts its softmax with them and writes them to the cache, and every program reads only the cached
+        # positions before pos, so no program reads what another writes. SPLIT: write the unnormalised result
+        # with its max and sum for the combine kernel; else there is one split and it writes the output.
         # Triton's ranges are powers of 2: a head of HEAD_DIM (96 in iGPT-L) is read as D_PAD lanes, masked.
         bh, split = tl.program_id(0), tl.program_id(1)
-        n_splits = tl.num_programs(1)
         d = tl.arange(0, D_PAD)
         in_head = d < HEAD_DIM
-        q_offset = (bh // n_head) * q_stride_b + (bh % n_head) * q_stride_h
-        q = tl.load(q_ptr + q_offset + d, mask=in_head, other=0.0).to(tl.float32) * scale
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        acc = tl.zeros([D_PAD], tl.float32)
+        row = (bh // n_head) * stride_b + (bh % n_head) * stride_h + d
+        q = tl.load(q_ptr + row, mask=in_head, other=0.0).to(tl.float32) * scale
+        pos = tl.load(pos_ptr)
         start = split * split_len
-        end = tl.minimum(start + split_len, tl.load(pos_ptr) + 1)  # a split wholly after pos reads nothing
+        cache = k_ptr.dtype.element_ty
+        own = (start <= pos) & (pos < start + split_len)
+        k_own = tl.load(k_new_ptr + row, mask=in_head, other=0.0)
+        v_own = tl.load(v_new_ptr + row, mask=in_head, other=0.0)
+        if own:
+            tl.store(k_ptr + (bh * max_len + pos) * HEAD_DIM + d, k_own.to(cache), mask=in_head)
+            tl.store(v_ptr + (bh * max_len + pos) * HEAD_DIM + d, v_own.to(cache), mask=in_head)
+        k_own = k_own.to(cache).to(tl.float32)  # as the cache will hold it, so cached and full steps agree
+        m = tl.where(own, tl.sum(k_own * q, 0), float("-inf"))
+        total = tl.where(own, 1.0, 0.0)
+        acc = tl.where(own, v_own.to(cache).to(tl.float32), 0.0)
+        end = tl.minimum(start + split_len, pos)  # a split wholly after pos reads nothing
         for offset in range(start, end, BLOCK):
             n = offset + tl.arange(0, BLOCK)
             valid = n < end
-            ptrs = bh * max_len * HEAD_DIM + n[:, None] * HEAD_DIM + d[None, :]
+            ptrs = (bh * max_len + n[:, None]) * HEAD_DIM + d[None, :]
             k = tl.load(k_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0).to(tl.float32)
             s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
@@ -311,10 +374,13 @@ if triton is not None:
             acc = acc * rescale + tl.sum(p[:, None] * v, 0)
             total = total * rescale + tl.sum(p, 0)
             m = m_new
-        out = bh * n_splits + split
-        tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=in_head)
-        tl.store(max_ptr + out, m)  # -inf where nothing was read: the combine gives it weight 0
-        tl.store(sum_ptr + out, total)
+        if SPLIT:
+            out = bh * tl.num_programs(1) + split
+            tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=in_head)
+            tl.store(max_ptr + out, m)  # -inf where nothing was read: the combine gives it weight 0
+            tl.store(sum_ptr + out, total)
+        else:
+            tl.store(out_ptr + bh * HEAD_DIM + d, (acc / total).to(out_ptr.dtype.element_ty), mask=in_head)
 
     @triton.jit
     def _decode_attention_combine(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr,
@@ -325,7 +391,7 @@ if triton is not None:
         in_head = d < HEAD_DIM
         present = s < n_splits
         m = tl.load(max_ptr + bh * n_splits + s, mask=present, other=float("-inf"))
-        w = tl.exp(m - tl.max(m, 0))  # split 0 always holds position 0, so the max is finite
+        w = tl.exp(m - tl.max(m, 0))  # the split holding pos read its own key, so the max is finite
         total = tl.sum(tl.load(sum_ptr + bh * n_splits + s, mask=present, other=0.0) * w, 0)
         acc = tl.load(acc_ptr + (bh * n_splits + s)[:, None] * HEAD_DIM + d[None, :],
                       mask=present[:, None] & in_head[None, :], other=0.0)
@@ -333,31 +399,88 @@ if triton is not None:
                  mask=in_head)
 
 
-@torch.library.custom_op("igpt::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for one query q [B, H, 1, D] over cache positions 0..pos of k, v [B, H, T, D]
-    (contiguous), with pos a [1] tensor read on the device: no host synchronisation and one shape for every
-    step, so a whole step is captured once as a CUDA graph, and only the filled part of the cache is read."""
-    B, H, _, D = q.shape
-    T = k.size(2)
-    blocks = triton.cdiv(T, DECODE_BLOCK)
-    split_len = DECODE_BLOCK * triton.cdiv(blocks, min(blocks, triton.cdiv(DECODE_PROGRAMS, B * H)))
+def _pow2_block(n, largest):
+    """The largest power of 2 that divides n, at most `largest`."""
+    return min(largest, n & -n)
+
+
+@torch.library.custom_op("igpt::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_gain: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], gelu: bool, eps: float) -> torch.Tensor:
+    """act(norm(x) @ weight.T) + residual in one kernel, for the thin products of a decode step: x [M, K],
+    weight [N, K] (nn.Linear's), norm_gain [K] or None (no norm), residual [M, N] or None, gelu: x * sigmoid(1.702 x).
+    K and N must be multiples of 16. Batches of more than 64 rows take cuBLAS and separate kernels instead."""
+    M, K = x.shape
+    N = weight.size(0)
+    if M > 64:  # large batches: cuBLAS's product beats thin tiles, and the extra kernels matter less
+        h = F.linear(x if norm_gain is None else F.rms_norm(x, (K,), norm_gain, eps), weight)
+        h = h * torch.sigmoid(1.702 * h) if gelu else h
+        return h if residual is None else h + residual
+    x, residual = x.contiguous(), None if residual is None else residual.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    config = linear_config(M, N, K)
+    _fused_linear[(triton.cdiv(M, config["BLOCK_M"]), N // config["BLOCK_N"])](
+        x, weight, norm_gain, residual, out, M, N, K, eps, NORM=norm_gain is not None, GELU=gelu,
+        RESIDUAL=residual is not None, **config)
+    return out
+
+
+def linear_config(M, N, K):
+    """Tile sizes and launch options of fused_linear for an [M, K] x [K, N] product, M <= 64: thin tiles of 16 rows
+    that spread the weight's reads over many programs: the fastest of 72 choices (tile sizes, warps, stages) for each
+    product of iGPT-S at M = 64 on an H100, and of 36 at M = 1 (2.4-6.2 us each)."""
+    narrow = N <= 512
+    return dict(BLOCK_M=16, BLOCK_N=_pow2_block(N, 16 if narrow else 32),
+                BLOCK_K=_pow2_block(K, 256 if narrow else 128), num_warps=2, num_stages=3)
+
+
+@fused_linear.register_fake
+def _(x, weight, norm_gain, residual, gelu, eps):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+@torch.library.custom_op("igpt::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One decode step of attention: write the new keys and values k, v [B, H, D] into the caches [B, H, T, D]
+    (contiguous) at position pos, and return softmax(q k^T / sqrt(D)) v over positions 0..pos for the queries
+    q [B, H, D] (q, k, v may be strided views of one qkv tensor; their last dimension is contiguous). pos is a [1]
+    tensor read on the device: no host synchronisation and one shape for every step, so a whole step is captured
+    once as a CUDA graph, and only the filled part of the cache is read."""
+    B, H, D = q.shape
+    T, d_pad = k_cache.size(2), triton.next_power_of_2(D)
+    block = min(DECODE_BLOCK, DECODE_TILE // d_pad)
+    blocks = triton.cdiv(T, block)
+    split_len = block * triton.cdiv(blocks, min(blocks, triton.cdiv(DECODE_PROGRAMS, B * H)))
     n_splits = triton.cdiv(T, split_len)
-    acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=q.device)
-    maxes = torch.empty(B * H, n_splits, dtype=torch.float32, device=q.device)
-    sums = torch.empty_like(maxes)
-    _decode_attention_split[(B * H, n_splits)](q, k, v, pos, acc, maxes, sums, q.stride(0), q.stride(1), H, T,
-                                               split_len, D ** -0.5, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
-                                               BLOCK=DECODE_BLOCK)
-    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    _decode_attention_combine[(B * H,)](acc, maxes, sums, out, n_splits, HEAD_DIM=D,
-                                        D_PAD=triton.next_power_of_2(D), SPLITS=triton.next_power_of_2(n_splits))
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    partial = [torch.empty(B * H, n_splits, *shape, dtype=torch.float32, device=q.device)
+               for shape in ([D], [], [])] if n_splits > 1 else [out] * 3  # placeholders a single split never uses
+    _decode_attention_split[(B * H, n_splits)](
+        q, k, v, k_cache, v_cache, pos, out, *partial, q.stride(0), q.stride(1), H, T, split_len, D ** -0.5,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK=block, SPLIT=n_splits > 1, num_warps=DECODE_WARPS * (1 if D == d_pad else 2))
+    if n_splits > 1:
+        _decode_attention_combine[(B * H,)](*partial, out, n_splits, HEAD_DIM=D, D_PAD=d_pad,
+                                            SPLITS=triton.next_power_of_2(n_splits))
     return out
 
 
 @decode_attention.register_fake
-def _(q, k, v, pos):
+def _(q, k, v, k_cache, v_cache, pos):
     return q.new_empty(q.shape)
+
+
+def fused_decode_block(block, x, input_pos):
+    """A block's decode step in the five kernels above: x is the residual stream [B, n_embd] of the new tokens,
+    block.attn.kv_cache receives their keys and values at input_pos. Returns the new residual stream."""
+    B, C = x.shape
+    attn, cache, eps = block.attn, block.attn.kv_cache, block.ln_1.eps
+    qkv = fused_linear(x, attn.c_attn.weight, block.ln_1.g, None, False, eps)
+    q, k, v = qkv.view(B, 3, attn.n_head, C // attn.n_head).unbind(1)
+    y = decode_attention(q, k, v, cache.k, cache.v, input_pos).view(B, C)
+    x = fused_linear(y, attn.c_proj.weight, None, x, False, eps)
+    h = fused_linear(x, block.mlp.c_fc.weight, block.ln_2.g, None, True, eps)
+    return fused_linear(h, block.mlp.c_proj.weight, None, x, False, eps)
 
 
 # ---- sampling ----

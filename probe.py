@@ -68,8 +68,9 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
     `layers`, all from one forward pass per batch: float32 [N, len(layers), n_embd] on the CPU.
 
     The model is moved to `device` (default: CUDA when there is one) and runs under bf16 autocast on CUDA, in
-    float32 on the CPU. compile: torch.compile each block in place (one compiled graph serves them all; the last
-    batch is padded to full size so no shape recompiles). progress: a label to print progress (images/s) under."""
+    float32 on the CPU. compile: torch.compile the whole feature pass, so each block's residual add fuses with the
+    next block's norm and with the pooling (the last batch is padded to full size so no shape recompiles).
+    progress: a label to print progress (images/s) under."""
     c = model.config
     if X.ndim != 2 or X.shape[1] != c.block_size:
         raise ValueError(f"token images of shape {tuple(X.shape)} do not fit the model, which reads "
@@ -79,10 +80,9 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
                          f"0..{c.n_vocab - 1}: were the data quantized with this model's palette?")
     device = torch.device(device or default_device())
     model.to(device).eval()
-    if compile:
-        for block in model.h:
-            block.compile()
+    features = torch.compile(model.features) if compile else model.features
     out = torch.empty(len(X), len(layers), c.n_embd)
+    copies = _HostCopies(out, (batch_size, len(layers), c.n_embd)) if device.type == "cuda" else None
     t0 = last = time.time()
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(0, len(X), batch_size):
@@ -90,11 +90,45 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
             n = len(xb)
             if compile:
                 xb = F.pad(xb, (0, 0, 0, batch_size - n))
-            out[i:i + n] = model.features(xb, layers)[:n].cpu()
+            if copies is None:
+                out[i:i + n] = features(xb, layers)[:n]
+            else:
+                copies.start(features(xb, layers)[:n], i)
             if progress and (time.time() - last > 10 or i + n == len(X)):
                 last = time.time()
                 print(f"{progress}: {i + n}/{len(X)} images, {(i + n) / (last - t0):.0f} images/s", flush=True)
+    if copies is not None:
+        copies.finish()
     return out
+
+
+class _HostCopies:
+    """Device-to-host copies of feature batches that overlap the next batches' forward passes: each batch goes
+    to one of two pinned buffers without stopping the GPU, and moves on into `out` once the batch after it is
+    queued, so the GPU never waits for the host."""
+
+    def __init__(self, out, shape):
+        self.out = out
+        self.buffers = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+        self.pending = []  # (event, buffer, start, count), oldest first
+
+    def start(self, feats, start):
+        if len(self.pending) == len(self.buffers):
+            self._drain()
+        buffer = self.buffers[start // len(self.buffers[0]) % 2]
+        buffer[:len(feats)].copy_(feats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, buffer, start, len(feats)))
+
+    def _drain(self):
+        event, buffer, start, count = self.pending.pop(0)
+        event.synchronize()
+        self.out[start:start + count] = buffer[:count]
+
+    def finish(self):
+        while self.pending:
+            self._drain()
 
 
 def cache_dir(ckpt, data, out_dir):

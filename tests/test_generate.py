@@ -96,29 +96,67 @@ def test_prime_as_long_as_the_image_is_an_error():
         generate(tiny_model(), prime=tokens(batch=1))
 
 
-KERNEL_CHECK = """
+def run_in_triton_interpreter(script):
+    """Run a script under Triton's CPU interpreter (TRITON_INTERPRET=1), in which the GPU kernels of the decode
+    step run on CPU tensors; it prints "ok" when its checks pass."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_gpu_decode_attention_appends_to_the_cache_and_attends_over_the_prefix():
+    """Every position count, splits that are partly filled, wholly empty, and a cache length that is not a
+    multiple of the split; the new key and value land at pos and nowhere else."""
+    run_in_triton_interpreter("""
 import torch, igpt
 torch.manual_seed(0)
 igpt.DECODE_BLOCK = 16
 shapes = [(2, 3, 130, 16), (1, 2, 64, 32), (2, 2, 70, 24)]  # B, H, T, D; 24 is no power of 2, like iGPT-L's 96
 cases = [(programs, shape, p) for programs in [1, 8, 1000]  # one split per sequence, a few, one block per split
-         for shape in shapes for p in [0, 1, 15, 16, 63, 64, shape[2] - 1]]
+         for shape in shapes for p in sorted({0, 1, 15, 16, 63, 64, shape[2] - 1}) if p < shape[2]]
 for programs, (B, H, T, D), p in cases:
     igpt.DECODE_PROGRAMS = programs
-    k, v = torch.randn(2, B, H, T, D)
-    q = torch.randn(B, 1, 3, H, D).permute(2, 0, 3, 1, 4)[0]  # a strided view, as the model passes it
-    got = igpt.decode_attention(q, k, v, torch.tensor([p]))
-    ref = torch.softmax((q @ k[:, :, : p + 1].transpose(-1, -2)) / D ** 0.5, -1) @ v[:, :, : p + 1]
-    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (programs, B, H, T, D, p, (got - ref).abs().max())
+    k_cache, v_cache = torch.randn(2, B, H, T, D)
+    q, k, v = torch.randn(B, 3, H, D).unbind(1)  # strided views of one tensor, as the model passes them
+    keys = torch.cat([k_cache[:, :, :p], k[:, :, None], k_cache[:, :, p + 1:]], 2)
+    values = torch.cat([v_cache[:, :, :p], v[:, :, None], v_cache[:, :, p + 1:]], 2)
+    got = igpt.decode_attention(q, k, v, k_cache, v_cache, torch.tensor([p]))
+    ref = torch.softmax((q[:, :, None] @ keys[:, :, :p + 1].transpose(-1, -2)) / D ** 0.5, -1) @ values[:, :, :p + 1]
+    assert torch.allclose(got, ref[:, :, 0], rtol=1e-5, atol=1e-5), (programs, B, H, T, D, p)
+    assert torch.equal(k_cache, keys) and torch.equal(v_cache, values), (programs, B, H, T, D, p)
 print("ok")
-"""
+""")
 
 
-def test_gpu_decode_kernel_equals_attention_over_the_prefix_in_the_triton_interpreter():
-    """The Triton kernel that the GPU decode step uses, run by Triton's CPU interpreter: every position count,
-    splits that are partly filled, wholly empty, and a cache length that is not a multiple of the split."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+def test_gpu_fused_linear_equals_norm_product_activation_and_residual():
+    run_in_triton_interpreter("""
+import torch, torch.nn.functional as F, igpt
+torch.manual_seed(0)
+for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 16)]:  # batches up to 64; K, N not powers of 2
+    x, w, g, r = torch.randn(M, K), torch.randn(N, K), torch.rand(K) + 0.5, torch.randn(M, N)
+    for norm, gelu, residual in [(True, False, False), (False, False, True), (True, True, False), (True, True, True)]:
+        h = F.linear(F.rms_norm(x, (K,), g, 1e-5) if norm else x, w)
+        ref = (h * torch.sigmoid(1.702 * h) if gelu else h) + (r if residual else 0)
+        got = igpt.fused_linear(x, w, g if norm else None, r if residual else None, gelu, 1e-5)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (M, K, N, norm, gelu, residual)
+print("ok")
+""")
+
+
+def test_gpu_fused_decode_step_logits_equal_the_full_forward():
+    """The whole fused step (five kernels a block, the fused head) against the plain full forward, fp32."""
+    run_in_triton_interpreter("""
+import sys, torch, igpt
+sys.path.insert(0, "tests")
+from tiny import tiny_model, tokens
+igpt.DECODE_BLOCK, igpt.DECODE_PROGRAMS = 4, 24  # several splits per sequence
+model, x = tiny_model(n_embd=48), tokens()  # heads of 12, no power of 2
+assert model.can_fuse_decode(x)
+full = model(x)[0]
+model.setup_kv_cache(x.shape[0])
+got = [model.prefill(x[:, :0])] + [model.decode_step(x[:, i - 1], torch.tensor([i])) for i in range(1, x.shape[1])]
+torch.testing.assert_close(torch.stack(got, 1), full, rtol=1e-5, atol=1e-5)
+print("ok")
+""")
