@@ -333,7 +333,8 @@ def _hf_generate_seconds(batch_size):
 @benchmark
 def sample():
     """iGPT-S, bf16, 1024 tokens per image: 64 images and one image, ours (static KV cache, the fused step
-    compiled into a CUDA graph) beside transformers' generate; achieved memory bandwidth from the bytes the cache forces."""
+    compiled into a CUDA graph) beside transformers' generate; achieved memory bandwidth from the bytes the cache
+    forces."""
     out = {}
     model = _sampling_model("s")
     for batch_size in (64, 1):
