@@ -86,7 +86,10 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
     t0 = last = time.time()
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(0, len(X), batch_size):
-            xb = torch.from_numpy(np.asarray(X[i:i + batch_size], dtype=np.int64)).to(device)
+            xb = torch.from_numpy(np.asarray(X[i:i + batch_size], dtype=np.int64))
+            if copies is not None:  # from pinned memory the copy does not wait for the batches still running
+                xb = xb.pin_memory()
+            xb = xb.to(device, non_blocking=True)
             n = len(xb)
             if compile:
                 xb = F.pad(xb, (0, 0, 0, batch_size - n))
