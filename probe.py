@@ -106,19 +106,19 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
 
 
 class _HostCopies:
-    """Device-to-host copies of feature batches that overlap the next batches' forward passes: each batch goes
-    to one of two pinned buffers without stopping the GPU, and moves on into `out` once the batch after it is
-    queued, so the GPU never waits for the host."""
+    """Device-to-host copies of feature batches that overlap the next batches' forward passes: each batch is
+    copied into a free pinned buffer without stopping the GPU, and moves on into `out` when that buffer is needed
+    again, two batches later, so the GPU never waits for the host."""
 
     def __init__(self, out, shape):
         self.out = out
-        self.buffers = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+        self.free = [torch.empty(shape, pin_memory=True) for _ in range(2)]
         self.pending = []  # (event, buffer, start, count), oldest first
 
     def start(self, feats, start):
-        if len(self.pending) == len(self.buffers):
+        if not self.free:
             self._drain()
-        buffer = self.buffers[start // len(self.buffers[0]) % 2]
+        buffer = self.free.pop()
         buffer[:len(feats)].copy_(feats, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -128,6 +128,7 @@ class _HostCopies:
         event, buffer, start, count = self.pending.pop(0)
         event.synchronize()
         self.out[start:start + count] = buffer[:count]
+        self.free.append(buffer)
 
     def finish(self):
         while self.pending:
