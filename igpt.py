@@ -11,6 +11,8 @@ Position i reads [sos, x_0, ..., x_{i-1}] and predicts x_i.
     tokens = generate(model, num_samples=8)          # KV-cached sampling
     feats = model.features(tokens, layers=[12])      # linear-probe features, [B, 1, n_embd]
 
+On the GPU a generation step runs each block as five Triton kernels (norms, activation, residual adds and the
+cache write fused into the products and the attention around them; see "the decode step on the GPU").
 Also here: the checkpoint format (`save_checkpoint`, `IGPT.from_checkpoint`), `configure_optimizers` and
 `estimate_mfu` as in nanoGPT.
 """
