@@ -91,6 +91,11 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def activation(x):
+    """The original's activation: x * sigmoid(1.702 x), a sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
     def __init__(self, config: IGPTConfig):
         super().__init__()
@@ -98,8 +103,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        return self.c_proj(h * torch.sigmoid(1.702 * h))  # the original's sigmoid approximation of GELU
+        return self.c_proj(activation(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -416,7 +420,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_gain: Optional[torc
     N = weight.size(0)
     if M > 64:  # large batches: cuBLAS's product beats thin tiles, and the extra kernels matter less
         h = F.linear(x if norm_gain is None else F.rms_norm(x, (K,), norm_gain, eps), weight)
-        h = h * torch.sigmoid(1.702 * h) if gelu else h
+        h = activation(h) if gelu else h
         return h if residual is None else h + residual
     x, residual = x.contiguous(), None if residual is None else residual.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -476,13 +480,13 @@ def fused_decode_block(block, x, input_pos):
     """A block's decode step in the five kernels above: x is the residual stream [B, n_embd] of the new tokens,
     block.attn.kv_cache receives their keys and values at input_pos. Returns the new residual stream."""
     B, C = x.shape
-    attn, cache, eps = block.attn, block.attn.kv_cache, block.ln_1.eps
-    qkv = fused_linear(x, attn.c_attn.weight, block.ln_1.g, None, False, eps)
+    attn, cache = block.attn, block.attn.kv_cache
+    qkv = fused_linear(x, attn.c_attn.weight, block.ln_1.g, None, False, block.ln_1.eps)
     q, k, v = qkv.view(B, 3, attn.n_head, C // attn.n_head).unbind(1)
     y = decode_attention(q, k, v, cache.k, cache.v, input_pos).view(B, C)
-    x = fused_linear(y, attn.c_proj.weight, None, x, False, eps)
-    h = fused_linear(x, block.mlp.c_fc.weight, block.ln_2.g, None, True, eps)
-    return fused_linear(h, block.mlp.c_proj.weight, None, x, False, eps)
+    x = fused_linear(y, attn.c_proj.weight, None, x, False, 0.0)  # eps is only read with a norm
+    h = fused_linear(x, block.mlp.c_fc.weight, block.ln_2.g, None, True, block.ln_2.eps)
+    return fused_linear(h, block.mlp.c_proj.weight, None, x, False, 0.0)
 
 
 # ---- sampling ----
