@@ -145,6 +145,21 @@ print("ok")
 """)
 
 
+def test_gpu_linear_gelu_equals_product_then_activation():
+    """The persistent TMA kernel over shapes that leave partial tiles on every edge, with more tiles than
+    programs, so programs walk several tiles and groups of rows."""
+    run_in_triton_interpreter("""
+import torch, torch.nn.functional as F, igpt
+torch.manual_seed(0)
+igpt.LINEAR_GELU_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+for M, K, N in [(1, 16, 32), (70, 40, 100), (130, 24, 36)]:  # one tile; tiles cut on every edge
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    h = F.linear(x, w)
+    torch.testing.assert_close(igpt.linear_gelu(x, w), h * torch.sigmoid(1.702 * h), rtol=1e-5, atol=1e-5)
+print("ok")
+""")
+
+
 def test_gpu_fused_decode_step_logits_equal_the_full_forward():
     """The whole fused step (five kernels a block, the fused head) against the plain full forward, fp32."""
     run_in_triton_interpreter("""
