@@ -297,19 +297,19 @@ class IGPT(nn.Module):
 # row scale applied after the product), the activation and the residual add into the product's epilogue, and the
 # cache write into attention, which leaves five kernels a block:
 #     qkv = norm_1(x) W_attn,  y = attend(q, cache + (k, v)),  x += y W_proj,  h = gelu(norm_2(x) W_fc),  x += h W_out
+# On Hopper they launch with programmatic dependent launch (PDL): each kernel is scheduled while the one before it
+# finishes and waits at its start for that kernel's results, so the gaps between a step's 120 kernels overlap work.
 # In 16-bit inference over whole sequences (probe features, the prefill of completions) the products are
 # large and cuBLAS's are the fastest, except the MLP's first: its activation, a separate pass over the widest
 # tensor, costs nearly as much as the product, so linear_gelu applies it in a Triton product's epilogue.
 
-try:
+try:  # Triton >= 3.4 (PyTorch >= 2.8); without it (CPU-only installs, older versions) the blocks' own forward runs
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the decode step runs the blocks' own forward
-    triton = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor  # Triton >= 3.4: tiles moved by TMA
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
-    TensorDescriptor = None
+    triton = None
 
 # Attention's launch, the fastest on an H100 for iGPT-S at batch 64 of 512-4096 programs, blocks of 32-128 positions
 # and 2-8 warps:
@@ -320,6 +320,14 @@ DECODE_WARPS = 2         # twice as many for heads padded to a power of 2, as iG
 
 if triton is not None:
     @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        # With programmatic dependent launch a kernel starts while the one before it finishes: wait here until that
+        # kernel's writes are visible, then let the next kernel start in turn.
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _gelu(x):
         # x * sigmoid(1.702 x) as x / (1 + 2^(-1.702 log2(e) x)): one exp2 and one fast division, which matters
         # where the epilogue of a large product is the bottleneck
@@ -328,9 +336,10 @@ if triton is not None:
     @triton.jit
     def _fused_linear(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, M, N, K, eps, NORM: tl.constexpr,
                       GELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # out[m, n] = act(sum_k x[m, k] g[k] w[n, k] * r[m]) (+ res[m, n]), with r[m] = rsqrt(mean_k x[m, k]^2 + eps)
         # when NORM (else g = r = 1). w is nn.Linear's [N, K]; N and K are multiples of the blocks.
+        _wait_for_inputs(PDL)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = rm[:, None] < M
@@ -376,13 +385,14 @@ if triton is not None:
     def _decode_attention_split(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr,
                                 sum_ptr, stride_b, stride_h, n_head, max_len, split_len, scale,
                                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                                SPLIT: tl.constexpr):
+                                SPLIT: tl.constexpr, PDL: tl.constexpr):
         # One program: one (sequence, head) and the positions [start, start + split_len) that are <= pos, by an
         # online softmax. The new token's own key and value come from k_new, v_new: the program whose split holds
         # pos starts its softmax with them and writes them to the cache, and every program reads only the cached
         # positions before pos, so no program reads what another writes. SPLIT: write the unnormalised result
         # with its max and sum for the combine kernel; else there is one split and it writes the output.
         # Triton's ranges are powers of 2: a head of HEAD_DIM (96 in iGPT-L) is read as D_PAD lanes, masked.
+        _wait_for_inputs(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, D_PAD)
         in_head = d < HEAD_DIM
@@ -425,7 +435,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_combine(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr,
-                                  D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+                                  D_PAD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         bh = tl.program_id(0)
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D_PAD)
@@ -438,6 +449,12 @@ if triton is not None:
                       mask=present[:, None] & in_head[None, :], other=0.0)
         tl.store(out_ptr + bh * HEAD_DIM + d, (tl.sum(acc * w[:, None], 0) / total).to(out_ptr.dtype.element_ty),
                  mask=in_head)
+
+
+def _pdl(device):
+    """Launch options for programmatic dependent launch, on GPUs that have it (Hopper and newer)."""
+    on = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return dict(PDL=on, launch_pdl=on)
 
 
 def _pow2_block(n, largest):
@@ -462,7 +479,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_gain: Optional[torc
     config = linear_config(M, N, K)
     _fused_linear[(triton.cdiv(M, config["BLOCK_M"]), N // config["BLOCK_N"])](
         x, weight, norm_gain, residual, out, M, N, K, eps, NORM=norm_gain is not None, GELU=gelu,
-        RESIDUAL=residual is not None, **config)
+        RESIDUAL=residual is not None, **_pdl(x.device), **config)
     return out
 
 
@@ -495,7 +512,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     N = weight.size(0)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     tma = interpreted or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    if TensorDescriptor is None or not tma or (K * x.element_size()) % 16 or (N * x.element_size()) % 16:
+    if triton is None or not tma or (K * x.element_size()) % 16 or (N * x.element_size()) % 16:
         return activation(F.linear(x, weight))
     x, weight = x.contiguous(), weight.to(x.dtype).contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -533,10 +550,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                for shape in ([D], [], [])] if n_splits > 1 else [out] * 3  # placeholders a single split never uses
     _decode_attention_split[(B * H, n_splits)](
         q, k, v, k_cache, v_cache, pos, out, *partial, q.stride(0), q.stride(1), H, T, split_len, D ** -0.5,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK=block, SPLIT=n_splits > 1, num_warps=DECODE_WARPS * (1 if D == d_pad else 2))
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK=block, SPLIT=n_splits > 1, num_warps=DECODE_WARPS * (1 if D == d_pad else 2),
+        **_pdl(q.device))
     if n_splits > 1:
         _decode_attention_combine[(B * H,)](*partial, out, n_splits, HEAD_DIM=D, D_PAD=d_pad,
-                                            SPLITS=triton.next_power_of_2(n_splits))
+                                            SPLITS=triton.next_power_of_2(n_splits), **_pdl(q.device))
     return out
 
 
