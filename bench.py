@@ -44,6 +44,11 @@ def timeit(fn, warmup=1, repeat=5):
     return statistics.median(times)
 
 
+def relative_error(x, ref):
+    """||x - ref|| / ||ref||, in float64."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -64,19 +69,19 @@ def precision():
         ref = model(x)[0]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             fast = torch.compile(model)(x)[0]
-        rel = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+        rel = relative_error(fast, ref)
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        rel_bf16 = ((model_bf16(x)[0].double() - ref.double()).norm() / ref.double().norm()).item()
+        rel_bf16 = relative_error(model_bf16(x)[0], ref)
         with torch.enable_grad():  # the training path: cuBLAS's product, then the activation
             plain = model_bf16(x)[0].detach()
-        rel_bf16_plain = ((plain.double() - ref.double()).norm() / ref.double().norm()).item()
+        rel_bf16_plain = relative_error(plain, ref)
         model.setup_kv_cache(len(x))
         positions = torch.arange(1024, device="cuda")
         cached = [model.prefill(x[:, :0])] + [model.decode_step(x[:, i - 1], positions[i:i + 1])
                                               for i in range(1, 1024)]
         model.setup_kv_cache(None)
         cached = torch.stack(cached, 1).double()
-        rel_cached = ((cached - ref.double()).norm() / ref.double().norm()).item()
+        rel_cached = relative_error(cached, ref)
         max_cached = ((cached - ref.double()).abs().max() / ref.double().abs().max()).item()
     torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"iGPT-S logits, bf16 autocast + compile vs fp32 eager: relative error {rel:.2e}; "
@@ -190,7 +195,7 @@ def probe_features():
     assert feats.std(0).min() > 0, "degenerate features"
     rows = np.r_[0:100, n - 100:n]
     plain = reference.features(torch.from_numpy(X[rows].astype(np.int64)).to(device), layers).cpu()
-    rel = ((feats[rows] - plain).norm() / plain.norm()).item()
+    rel = relative_error(feats[rows], plain)
     assert rel < 1e-2, f"extracted features differ from the plain float32 pass by {rel:.2e}"
     print(f"{n} images x {len(layers)} layers of iGPT-{'S' if not small else 'S/2 layers'}: {seconds:.1f} s, "
           f"{n / seconds:.0f} images/s (MFU {100 * model.estimate_mfu(n / seconds) / 3:.0f}% of the forward), "
@@ -215,7 +220,7 @@ def linear_gelu():
     out = {}
     candidates = {"linear_gelu": igpt.linear_gelu, "cublas_then_activation": unfused, "cublas_product_only": F.linear}
     for name, fn in candidates.items():
-        rel = ((fn(x, w).float() - ref).norm() / ref.norm()).item() if name != "cublas_product_only" else None
+        rel = relative_error(fn(x, w), ref) if name != "cublas_product_only" else None
         out[name] = {"ms": timeit(lambda: [fn(x, w) for _ in range(50)], warmup=2, repeat=5) / 50 * 1e3,
                      "relative_error_fp32": rel}
         print(f"{name}: {out[name]['ms']:.3f} ms" + (f", relative error to fp32 {rel:.1e}" if rel else ""),

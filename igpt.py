@@ -254,7 +254,7 @@ class IGPT(nn.Module):
         """Whether a one-token step runs the fused kernels below: on the GPU with Triton (or in Triton's CPU
         interpreter, TRITON_INTERPRET=1, which the tests use), for widths and palettes in multiples of 16."""
         c = self.config
-        return (triton is not None and (h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        return (triton is not None and (h.is_cuda or _interpreted())
                 and c.n_embd % 16 == 0 and c.n_vocab % 16 == 0)
 
     @classmethod
@@ -451,10 +451,19 @@ if triton is not None:
                  mask=in_head)
 
 
+def _interpreted():
+    """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1), as the tests do."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _hopper(device):
+    """Whether device is a GPU with TMA and programmatic dependent launch (Hopper and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _pdl(device):
-    """Launch options for programmatic dependent launch, on GPUs that have it (Hopper and newer)."""
-    on = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    return dict(PDL=on, launch_pdl=on)
+    """Launch options for programmatic dependent launch, on GPUs that have it."""
+    return dict(PDL=_hopper(device), launch_pdl=_hopper(device))
 
 
 def _pow2_block(n, largest):
@@ -510,15 +519,14 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     K and N multiples of 8 for 16-bit rows), cuBLAS and a separate activation elsewhere."""
     M, K = x.shape
     N = weight.size(0)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    tma = interpreted or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    if triton is None or not tma or (K * x.element_size()) % 16 or (N * x.element_size()) % 16:
+    if (triton is None or not (_interpreted() or _hopper(x.device))
+            or (K * x.element_size()) % 16 or (N * x.element_size()) % 16):
         return activation(F.linear(x, weight))
     x, weight = x.contiguous(), weight.to(x.dtype).contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     c = LINEAR_GELU_CONFIG
     tiles = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])
-    programs = min(tiles, 4 if interpreted else torch.cuda.get_device_properties(x.device).multi_processor_count)
+    programs = min(tiles, 4 if _interpreted() else torch.cuda.get_device_properties(x.device).multi_processor_count)
     _linear_gelu[(programs,)](
         TensorDescriptor.from_tensor(x, [c["BLOCK_M"], c["BLOCK_K"]]),
         TensorDescriptor.from_tensor(weight, [c["BLOCK_N"], c["BLOCK_K"]]),

@@ -245,7 +245,7 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out_dir="out/probe", b
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out_dir}/probe.json and the
     plot to {out_dir}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
-    torch.compile the blocks for extraction (default: on CUDA). Returns the table's rows."""
+    torch.compile the feature pass (default: on CUDA). Returns the table's rows."""
     device = device or default_device()
     model = IGPT.from_checkpoint(ckpt)
     layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
@@ -319,7 +319,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda, cpu, ... "
                    "(default: %(default)s)")
     p.add_argument("--compile", type=int, choices=[0, 1], default=None,
-                   help="torch.compile the blocks for extraction (default: 1 on CUDA, 0 on the CPU)")
+                   help="torch.compile the feature pass (default: 1 on CUDA, 0 on the CPU)")
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
                    "the mean objective is at most this (default: %(default)s)")
@@ -327,7 +327,7 @@ def main(argv=None):
     try:
         device = default_device() if args.device == "auto" else args.device
         return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, device,
-                     None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
+                            None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
