@@ -666,12 +666,18 @@ def save_checkpoint(path, model=None, palette=None, **extra):
         obj["model"] = model.state_dict()
     if palette is not None:
         obj["palette"] = torch.as_tensor(palette, dtype=torch.float32)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(file) into a temp file beside `path` (folders made as needed), flushed to disk, then renamed over
+    `path`: an interrupted write never leaves a half-written file in place of a good one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,6 +24,7 @@ import probe
 import quantize
 import sample
 import train
+from igpt import atomic_write
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
@@ -115,10 +116,8 @@ def main(argv=None):
         result = SCRIPTS[stage].main(argv_stage)
         summary[stage] = {**summarise(stage, result), "wall_seconds": round(time.time() - t0, 1),
                           "argv": argv_stage}
-        os.makedirs(out, exist_ok=True)
-        with open(summary_path + ".tmp", "w") as f:  # after every stage, so a run cut short keeps its figures
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".tmp", summary_path)
+        # after every stage, so a run cut short keeps its figures
+        atomic_write(summary_path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"== done: {summary_path}")
     for stage in STAGES:
         if stage in summary:

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from igpt import atomic_write
+
 CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
                 "cifar-10-batches-py"),
@@ -573,22 +575,8 @@ def make_shapes(n, n_px=32, seed=0):
 
 # ---- token files and pictures ----
 
-def _atomic_write(path, write):
-    """write(file) into a temp file beside `path`, then rename it over `path`: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_npy(path, array):
-    _atomic_write(path, lambda f: np.save(f, array))
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def load_tokens(prefix, split):
@@ -630,7 +618,7 @@ def save_grid(images, path, pad=2, scale=1):
     tiles = np.pad(images, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)), constant_values=255)
     grid = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * (h + pad), cols * (w + pad), 3)
     grid = np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
-    _atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 # ---- the command line ----

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from igpt import IGPT, generate
-from quantize import decode, encode, load_images, load_palette, save_grid
+from quantize import decode, default_device, encode, load_images, load_palette, save_grid
 
 
 def parse_args(argv=None):
@@ -65,7 +65,7 @@ def load_prime(source, palette, n_px, n_vocab, count):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(default_device() if args.device == "auto" else args.device)
     png, npy = args.out + ".png", args.out + ".npy"
     for path in (png, npy):
         if os.path.exists(path) and not args.force:
