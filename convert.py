@@ -20,15 +20,13 @@ import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import namedtuple
 
 import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from quantize import load_palette
+from quantize import fetch, load_palette
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/image-gpt"
 STEPS = (131000, 262000, 524000, 1000000)  # the released training steps
@@ -439,51 +437,7 @@ def igpt_to_hf(model, folder, force=False):
     save_file({k: v.contiguous() for k, v in hf.items()}, path, metadata={"format": "pt"})
 
 
-# ---- downloading the release (resumable, urllib only) ----
-
-def fetch(url, path, chunk=1 << 20):
-    """Download url to path. A path that exists is taken as complete and skipped; the bytes arrive in path + '.part'
-    (renamed when complete), and a '.part' left by an interrupted run is resumed with an HTTP Range request."""
-    if os.path.exists(path):
-        print(f"{path} is already here", file=sys.stderr)
-        return path
-    part = path + ".part"
-    start = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and e.headers.get("Content-Range", "").endswith(f"/{start}"):  # the .part is complete
-            os.replace(part, path)
-            return path
-        raise OSError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise OSError(f"could not download {url}: {e.reason}") from e
-    with response:
-        if response.status != 206:
-            start = 0  # the server sent the whole file
-        size = response.headers.get("Content-Length")
-        total = start + int(size) if size is not None else None
-        done, t0, shown = start, time.time(), 0.0
-        with open(part, "ab" if start else "wb") as f:
-            try:
-                while block := response.read(chunk):
-                    f.write(block)
-                    done += len(block)
-                    if time.time() - shown > 0.5 or done == total:
-                        shown = time.time()
-                        rate = (done - start) / 1e6 / max(shown - t0, 1e-9)
-                        of = f"/{total / 1e6:.1f}" if total else ""
-                        print(f"\r{os.path.basename(path)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s", end="",
-                              file=sys.stderr)
-            except OSError as e:
-                raise OSError(f"download of {url} broke off at byte {done} ({e}); run again to resume") from e
-    print(file=sys.stderr)
-    if total is not None and done != total:
-        raise OSError(f"download of {url} stopped at byte {done} of {total}; run again to resume")
-    os.replace(part, path)
-    return path
-
+# ---- downloading the release (quantize.fetch: resumable, urllib only) ----
 
 def download_release(model, step, folder, palette=False, dataset=None, base_url=BASE_URL):
     """Fetch the released checkpoint of size model ("s", "m", "l") at training step into folder, with the palette

@@ -48,6 +48,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -470,6 +471,51 @@ def load_images(source, n_px=32, workers=None, progress=True):
     return _decode_files([path], n_px, progress=False), None, []
 
 
+def fetch(url, path, chunk=1 << 20, progress=True):
+    """Download url to path. A path that exists is taken as complete and skipped; the bytes arrive in path + '.part'
+    (renamed when complete), and a '.part' left by an interrupted run is resumed with an HTTP Range request.
+    progress: print the MB and MB/s as they arrive."""
+    if os.path.exists(path):
+        log(f"{path} is already here")
+        return path
+    part = path + ".part"
+    start = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and e.headers.get("Content-Range", "").endswith(f"/{start}"):  # the .part is complete
+            os.replace(part, path)
+            return path
+        raise OSError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise OSError(f"could not download {url}: {e.reason}") from e
+    with response:
+        if response.status != 206:
+            start = 0  # the server sent the whole file
+        size = response.headers.get("Content-Length")
+        total = start + int(size) if size is not None else None
+        done, t0, shown = start, time.time(), 0.0
+        with open(part, "ab" if start else "wb") as f:
+            try:
+                while block := response.read(chunk):
+                    f.write(block)
+                    done += len(block)
+                    if progress and (time.time() - shown > 0.5 or done == total):
+                        shown = time.time()
+                        rate = (done - start) / 1e6 / max(shown - t0, 1e-9)
+                        of = f"/{total / 1e6:.1f}" if total else ""
+                        log(f"\r{os.path.basename(path)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s", end="")
+            except OSError as e:
+                raise OSError(f"download of {url} broke off at byte {done} ({e}); run again to resume") from e
+    if progress:
+        log("")
+    if total is not None and done != total:
+        raise OSError(f"download of {url} stopped at byte {done} of {total}; run again to resume")
+    os.replace(part, path)
+    return path
+
+
 def download_cifar(name, root, url=None, md5=None, progress=True):
     """Fetch the official CIFAR archive into root (unless a good copy is there), check its md5, unpack it, and
     return the pickle folder. url and md5 override the official ones (for a mirror)."""
@@ -480,24 +526,14 @@ def download_cifar(name, root, url=None, md5=None, progress=True):
         return target
     os.makedirs(root, exist_ok=True)
     archive = os.path.join(root, url.rsplit("/", 1)[-1])
-    if not (os.path.isfile(archive) and _md5(archive) == md5):
-        part = archive + ".part"
-        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if progress:
-                    log(f"\rdownloading {url}: {done / 1e6:.1f}" + (f"/{total / 1e6:.1f}" if total else "") + " MB",
-                        end="")
-        if progress:
-            log("")
-        got = _md5(part)
-        if got != md5:
-            os.remove(part)
-            raise ValueError(f"{url}: md5 {got} is not the expected {md5}; the download was corrupt or is not "
-                             "the official archive, and was deleted")
-        os.replace(part, archive)
+    if os.path.isfile(archive) and _md5(archive) != md5:
+        os.remove(archive)  # a bad copy from before: fetch it again
+    fetch(url, archive, progress=progress)
+    got = _md5(archive)
+    if got != md5:
+        os.remove(archive)
+        raise ValueError(f"{url}: md5 {got} is not the expected {md5}; the download was corrupt or is not "
+                         "the official archive, and was deleted")
     unpacked = tempfile.mkdtemp(dir=root, prefix=".unpack-")  # renamed into place whole, never half-written
     try:
         with tarfile.open(archive) as tar:
