@@ -114,7 +114,6 @@ def test_only_the_model_variables_are_read(monkeypatch):
     expected = ["model/" + n for n in ("wte", "wpe", "sos", "wtet", "ln_f/g", "clf/wclf")]
     expected += [f"model/h{i}/{n}" for i in range(2) for n in per_layer]
     assert sorted(read) == sorted(expected)
-    assert model.state_dict().keys() == IGPT(model.config).state_dict().keys()
 
 
 def test_a_missing_or_misshaped_model_tensor_is_named():
@@ -136,7 +135,7 @@ def test_a_corrupt_data_file_names_the_tensor_and_the_file(tmp_path):
     data = bytearray(path.read_bytes())
     data[e.offset + e.size // 2] ^= 0x10
     path.write_bytes(data)
-    ckpt.read("model/wte")  # its neighbours are intact
+    np.testing.assert_array_equal(ckpt.read("model/wte"), TFCheckpoint(PREFIX).read("model/wte"))  # neighbours intact
     with pytest.raises(ValueError, match=f"'model/wtet' in {path}.*crc32c"):
         tf_to_igpt(ckpt)
 

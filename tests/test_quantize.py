@@ -429,7 +429,9 @@ def test_cli_on_shapes_writes_every_file(tmp_path, capsys):
     np.testing.assert_array_equal(vaY, labels[va])
     np.testing.assert_array_equal(teX, encode(make_shapes(10, 8, seed=1)[0], palette, device="cpu"))
     preview = np.asarray(Image.open(out + "_preview.png"))
-    assert preview.ndim == 3 and preview.shape[1] > preview.shape[0]
+    assert preview.shape == (2 + 4 * 66, 2 + 16 * 66, 3)  # 32 pairs in 4 rows, tiles 8 x 8 pixels drawn 8 times
+    original, quantized = preview[2:66:8, 2:66:8], preview[2:66:8, 68:132:8]  # the first pair, one pixel each
+    np.testing.assert_array_equal(quantized, decode(encode(original[None], palette, device="cpu"), palette)[0])
     printed = capsys.readouterr().out
     assert "tr 45, va 5, te 10" in printed and "circle" in printed
 

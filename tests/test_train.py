@@ -131,7 +131,7 @@ def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     prefix = write_tokens(tmp_path)
     args = ["--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
-            "--max_steps", 6, "--eval_interval", 2]
+            "--max_steps", 6, "--eval_interval", 2, "--log_interval", 100]  # the loss is first read at step 4
     real_forward = train.IGPT.forward
     calls = []
 
