@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from igpt import load_checkpoint
+from igpt import IGPT, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--log_interval", "1", "--warmup_steps", "2",
@@ -100,6 +100,17 @@ def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
     assert ckpt["config"]["n_classes"] == 3 and ckpt["model"]["clf.weight"].abs().sum() > 0
     records = [json.loads(l) for l in open(tmp_path / "ft" / "log.jsonl")]
     assert any("accuracy" in r for r in records)
+    # The first step's loss, before any update: the new classifier is zero, so its cross-entropy is log 3, beside
+    # gen_weight times the pretrained model's generative loss on the first batch (seed 1337's first 8 images).
+    pretrained = IGPT.from_checkpoint(tmp_path / "pre" / "ckpt.pt")
+    first = np.random.default_rng([1337, 0]).permutation(32)[:8]
+    with torch.no_grad():
+        gen_loss = pretrained(torch.from_numpy(np.load(prefix + "_trX.npy")[first].astype(np.int64)))[1].item()
+    for gen_weight in (0, 0.5):
+        out = tmp_path / f"ft{gen_weight}"
+        run("--data", prefix, "--out_dir", out, "--init_from", tmp_path / "pre" / "ckpt.pt", "--clf",
+            "--gen_weight", gen_weight, "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 1)
+        assert losses(out)[1] == pytest.approx(math.log(3) + gen_weight * gen_loss, rel=1e-5)
 
 
 def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
