@@ -738,8 +738,11 @@ def main(argv=None):
     times = {}
 
     t0 = time.perf_counter()
-    images, labels, classes = read_sources(args.source, args)
-    test = read_sources(args.test, args, test=True) if args.test else None
+    try:
+        images, labels, classes = read_sources(args.source, args)
+        test = read_sources(args.test, args, test=True) if args.test else None
+    except (FileNotFoundError, ValueError) as e:  # a missing or unreadable source: its message, no traceback
+        raise SystemExit(f"quantize.py: {e}") from e
     if not args.unlabelled and (labels is None or (test and test[1] is None)):
         raise SystemExit("a source has no labels (class folders, CIFAR or ImageNet files have them): "
                          "pass --unlabelled to write tokens without labels")

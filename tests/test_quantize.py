@@ -462,6 +462,12 @@ def test_cli_needs_labels_unless_told(tmp_path):
     assert Y is None and X.shape == (9, 16) and not os.path.exists(tmp_path / "u_trY.npy")
 
 
+def test_cli_names_a_missing_source_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"no such file or folder: '.*nowhere\.zip'"):
+        quantize.main([str(tmp_path / "nowhere.zip"), "--out", str(tmp_path / "q")])
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_downloads_cifar(tmp_path, cifar_server, monkeypatch):
     url, md5 = cifar_server
     monkeypatch.setitem(quantize.CIFAR, "cifar10", (url, md5, "cifar-10-batches-py"))
