@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections import namedtuple
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from quantize import fetch, load_palette
+from quantize import fetch, load_palette, log
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/image-gpt"
 STEPS = (131000, 262000, 524000, 1000000)  # the released training steps
@@ -330,20 +329,12 @@ def tf_to_igpt(ckpt, verbose=True) -> IGPT:
         if verbose:
             rate = nbytes / 1e6 / max(time.time() - t0, 1e-9)
             shard = os.path.basename(ckpt.shard_path(ckpt.entries[name].shard))
-            print(f"\rread {i}/{len(names)} tensors, {nbytes / 1e6:.1f} MB, {rate:.0f} MB/s, {shard}", end="",
-                  file=sys.stderr)
+            log(f"\rread {i}/{len(names)} tensors, {nbytes / 1e6:.1f} MB, {rate:.0f} MB/s, {shard}", end="")
     if verbose:
-        print(file=sys.stderr)
+        log("")
     state = {k: torch.from_numpy(np.ascontiguousarray(fn(*(arrays.pop(n) for n in ns)), dtype=np.float32))
              for k, (ns, _, fn) in plan.items()}
-    return _build(c, state)
-
-
-def _build(config, state):
-    with torch.device("meta"):  # no random init to overwrite, and the loaded tensors are used in place
-        model = IGPT(config)
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    return IGPT.from_state_dict(c, state).eval()
 
 
 # ---- Hugging Face ImageGPT (transformers' ImageGPTForCausalImageModeling) ----
@@ -406,7 +397,7 @@ def hf_to_igpt(folder) -> IGPT:
             hf.pop(f"{p}{k}.bias", None)
     if hf:
         raise ValueError(f"{folder} has weights igpt's model has no place for: {sorted(hf)}")
-    return _build(config, state)
+    return IGPT.from_state_dict(config, state).eval()
 
 
 def igpt_to_hf(model, folder, force=False):
@@ -498,7 +489,7 @@ def main(argv=None):
 
     if args.to_hf:
         igpt_to_hf(IGPT.from_checkpoint(args.to_hf), args.out, args.force)
-        print(f"wrote {args.out}", file=sys.stderr)
+        log(f"wrote {args.out}")
         return
     _refuse_overwrite(args.out, args.force)  # before hours of downloading
     palette = load_palette(args.palette) if isinstance(args.palette, str) else None
@@ -515,7 +506,7 @@ def main(argv=None):
     if palette is not None and len(palette) != model.config.n_vocab:
         raise ValueError(f"the palette has {len(palette)} colours but the model has n_vocab={model.config.n_vocab}")
     save_checkpoint(args.out, model, palette=palette)
-    print(f"wrote {args.out}: {model.get_num_params() / 1e6:.1f}M parameters, {model.config}", file=sys.stderr)
+    log(f"wrote {args.out}: {model.get_num_params() / 1e6:.1f}M parameters, {model.config}")
 
 
 if __name__ == "__main__":

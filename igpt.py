@@ -262,9 +262,17 @@ class IGPT(nn.Module):
         """Load a model saved by save_checkpoint (or train.py). The palette, when the file has one, is set as
         `model.palette` (float32 [n_vocab, 3] in [-1, 1]), else None."""
         ckpt = load_checkpoint(path, map_location)
-        model = cls(IGPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        model = cls.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
         model.palette = ckpt.get("palette")
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config, state):
+        """A model of this config holding the tensors of `state` themselves (every one required): built on the meta
+        device, so no random initialisation runs only to be overwritten (seconds for iGPT-L)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
         return model
 
     # ---- training helpers, as in nanoGPT ----
