@@ -203,6 +203,18 @@ def test_cli_writes_a_checkpoint_with_the_palette_and_will_not_overwrite(tmp_pat
         main([str(PREFIX), "--out", str(out), "--force", "--palette", str(tmp_path / "palette.npy")])
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "give exactly one of"),
+    ([str(PREFIX), "--hf", "x"], "give exactly one of"),
+    ([str(PREFIX)], "--out is required"),
+    ([str(PREFIX), "--out", "x.pt", "--palette"], "--palette needs a path"),
+])
+def test_cli_argument_errors_name_the_fix(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(args)
+    assert message in capsys.readouterr().err
+
+
 def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
