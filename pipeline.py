@@ -59,19 +59,17 @@ def stage_args(recipe, stage, out, source, force, device):
     """The argv of one stage's script: the recipe's flags plus the paths that tie the stages together."""
     flags = [a.format(source=source) for a in RECIPES[recipe].get(stage, [])]
     data, ckpt = os.path.join(out, "data", recipe), os.path.join(out, "train", "ckpt.pt")
-    overwrite = ["--force"] if force else []
-    if stage == "quantize":
-        return flags + ["--out", data, "--device", device] + overwrite
-    if stage == "train":
-        return flags + ["--data", data, "--out_dir", os.path.join(out, "train"), "--device", device] + overwrite
-    if stage == "evaluate":
-        return ["--eval_only", "--init_from", ckpt, "--data", data, "--eval_split", "te", "--device", device]
-    if stage == "sample":
-        return flags + ["--ckpt", ckpt, "--out", os.path.join(out, "samples"), "--device", device] + overwrite
-    if stage == "complete":
-        return flags + ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", os.path.join(out, "completions"),
-                        "--device", device] + overwrite
-    return flags + ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe"), "--device", device]
+    paths = {
+        "quantize": ["--out", data],
+        "train": ["--data", data, "--out_dir", os.path.join(out, "train")],
+        "evaluate": ["--eval_only", "--init_from", ckpt, "--data", data, "--eval_split", "te"],
+        "sample": ["--ckpt", ckpt, "--out", os.path.join(out, "samples")],
+        "complete": ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", os.path.join(out, "completions")],
+        "probe": ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")],
+    }[stage]
+    # evaluate and probe write nothing that --force guards (probe's outputs are a cache and a report)
+    overwrite = ["--force"] if force and stage not in ("evaluate", "probe") else []
+    return flags + paths + ["--device", device] + overwrite
 
 
 def summarise(stage, result):
