@@ -327,8 +327,7 @@ def main(argv=None):
         loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                              cfg.eval_images)
         log(f"{cfg.eval_split} loss {loss:.4f} nats per token" + (f", accuracy {acc:.4f}" if acc is not None else ""))
-        if world > 1:
-            dist.barrier()
+        if world > 1:  # evaluate's all_reduce already brought the ranks together
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
 
@@ -414,14 +413,15 @@ def main(argv=None):
         step += 1
         images_since += cfg.batch_size
 
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if first_bad.item():
-                raise SystemExit(f"step {first_bad.item()}: the loss is {bad_loss.item()}; stopping. Weights "
-                                 f"from that step on are not saved. The last good checkpoint is {ckpt_path} (if "
-                                 "one was written): resume from it with a lower --learning_rate or a smaller "
-                                 "--grad_clip")
+        log_now = step % cfg.log_interval == 0 or step == cfg.max_steps
+        eval_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if (log_now or eval_now) and first_bad.item():
+            raise SystemExit(f"step {first_bad.item()}: the loss is {bad_loss.item()}; stopping. Weights "
+                             f"from that step on are not saved. The last good checkpoint is {ckpt_path} (if "
+                             "one was written): resume from it with a lower --learning_rate or a smaller "
+                             "--grad_clip")
+        if log_now:
             loss_value = loss_acc.item()
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             ips = images_since / dt
             record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips,
@@ -430,7 +430,7 @@ def main(argv=None):
                 + (f", mfu {100 * record['mfu']:.1f}%" if use_cuda else ""), flush=True)
             write_log(record)
             t0, images_since = time.time(), 0
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if eval_now:
             val_loss, acc = evaluate(raw_model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                                      cfg.eval_images)
             log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}"
