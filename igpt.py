@@ -243,9 +243,11 @@ class IGPT(nn.Module):
     def _decode(self, h, input_pos):
         if h.size(1) == 1 and self.can_fuse_decode(h):
             x = h[:, 0]
-            for block in self.h:
-                x = fused_decode_block(block, x, input_pos)
-            return fused_linear(x, self.wtet.weight, self.ln_f.g, None, False, self.ln_f.eps).float()[:, None]
+            x_gained, x_sq = norm_parts(x, self.h[0].ln_1.g)
+            next_norms = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
+            for block, next_norm in zip(self.h, next_norms):
+                x, x_gained, x_sq = fused_decode_block(block, x, x_gained, x_sq, next_norm.g, input_pos)
+            return fused_linear(x_gained, self.wtet.weight, x_sq, None, False, self.ln_f.eps).float()[:, None]
         for block in self.h:
             h = block(h, input_pos)
         return self.wtet(self.ln_f(h)).float()
@@ -301,10 +303,13 @@ class IGPT(nn.Module):
 # With one new token per sequence every matrix product is thin (B rows against a weight of up to 2048 x 512), so a
 # kernel costs its launch and latency, not its arithmetic, and the plain block's eleven kernels a step (two norms,
 # four products, the activation, two cache writes, attention and its combine) cost nearly as much as the KV-cache
-# reads that are the real work. Each norm fuses into the product that follows it (x W g * rsqrt(mean(x^2) + eps), the
-# row scale applied after the product), the activation and the residual add into the product's epilogue, and the
-# cache write into attention, which leaves five kernels a block:
+# reads that are the real work. Each norm fuses into the product that follows it, (x g) W * rsqrt(mean(x^2) + eps)
+# with the row scale applied after the product, the activation and the residual add into the product's epilogue,
+# and the cache write into attention, which leaves five kernels a block:
 #     qkv = norm_1(x) W_attn,  y = attend(q, cache + (k, v)),  x += y W_proj,  h = gelu(norm_2(x) W_fc),  x += h W_out
+# A norm needs whole rows and a product's program sees a tile, so each kernel that updates x also writes what the
+# next norm reads, x g and its tile's sums of squares of x's rows: then the product's loop only loads and
+# multiplies, which keeps its loads pipelined (an elementwise pass over x inside the loop stalls it, ~2 us a product).
 # On Hopper they launch with programmatic dependent launch (PDL): each kernel is scheduled while the one before it
 # finishes and waits at its start for that kernel's results, so the gaps between a step's 120 kernels overlap work.
 # In 16-bit inference over whole sequences (probe features, the prefill of completions) the products are
@@ -342,34 +347,42 @@ if triton is not None:
         return tl.fdiv(x, 1.0 + tl.exp2(-2.4554669595930156 * x))
 
     @triton.jit
-    def _fused_linear(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, M, N, K, eps, NORM: tl.constexpr,
-                      GELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        # out[m, n] = act(sum_k x[m, k] g[k] w[n, k] * r[m]) (+ res[m, n]), with r[m] = rsqrt(mean_k x[m, k]^2 + eps)
-        # when NORM (else g = r = 1). w is nn.Linear's [N, K]; N and K are multiples of the blocks.
+    def _fused_linear(x_ptr, w_ptr, sq_ptr, res_ptr, gain_ptr, out_ptr, out_gained_ptr, out_sq_ptr, M, N, K, n_parts,
+                      eps, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr,
+                      PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
+        # out[m, n] = act(sum_k x[m, k] w[n, k] * r[m]) (+ res[m, n]), w nn.Linear's [N, K], N and K multiples of the
+        # blocks. NORM: x is the normed input's x * g, and r[m] = rsqrt(sum_p sq[m, p] / K + eps) from the partial
+        # sums of squares of its row (else r = 1), so the loop only loads and multiplies. NEXT_NORM: also write what
+        # the next norm reads: out * gain and this tile's sums of squares of out's rows.
         _wait_for_inputs(PDL)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = rm[:, None] < M
+        if NORM:
+            p = tl.arange(0, PARTS)
+            sq = tl.load(sq_ptr + rm[:, None] * n_parts + p[None, :], mask=rows & (p[None, :] < n_parts), other=0.0)
+            r = tl.rsqrt(tl.sum(sq, 1) / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        sum_sq = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=rows, other=0.0)
-            if NORM:
-                xf = x.to(tl.float32)
-                sum_sq += tl.sum(xf * xf, 1)
-                x = (xf * tl.load(g_ptr + rk).to(tl.float32)[None, :]).to(x.dtype)
             w = tl.load(w_ptr + rn[None, :] * K + rk[:, None])
             acc = tl.dot(x, w, acc, input_precision="ieee")  # ieee: float32 weights stay exact (bf16 ignores it)
         if NORM:
-            acc *= tl.rsqrt(sum_sq / K + eps)[:, None]
+            acc *= r[:, None]
         if GELU:
             acc = _gelu(acc)
-        out = rm[:, None] * N + rn[None, :]
+        offsets = rm[:, None] * N + rn[None, :]
         if RESIDUAL:
-            acc += tl.load(res_ptr + out, mask=rows, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=rows)
+            acc += tl.load(res_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, out, mask=rows)
+        if NEXT_NORM:
+            out = out.to(tl.float32)  # as stored, so the next norm sees the values the residual stream holds
+            tl.store(out_sq_ptr + rm * tl.num_programs(1) + tl.program_id(1), tl.sum(out * out, 1), mask=rm < M)
+            gained = out * tl.load(gain_ptr + rn).to(tl.float32)[None, :]
+            tl.store(out_gained_ptr + offsets, gained.to(out_ptr.dtype.element_ty), mask=rows)
 
     @triton.jit
     def _linear_gelu(x_desc, w_desc, out_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -390,6 +403,14 @@ if triton is not None:
             out_desc.store([m, n], _gelu(acc).to(out_desc.dtype))
 
     @triton.jit
+    def _softmax_scores(q, k, valid, m):
+        # a block of keys into the online softmax of running max m: the new max, the block's weights exp(s - max)
+        # and the factor that rescales what was summed before
+        s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        return m_new, tl.exp(s - m_new), tl.exp(m - m_new)
+
+    @triton.jit
     def _decode_attention_split(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr,
                                 sum_ptr, stride_b, stride_h, n_head, max_len, split_len, scale,
                                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -400,14 +421,22 @@ if triton is not None:
         # positions before pos, so no program reads what another writes. SPLIT: write the unnormalised result
         # with its max and sum for the combine kernel; else there is one split and it writes the output.
         # Triton's ranges are powers of 2: a head of HEAD_DIM (96 in iGPT-L) is read as D_PAD lanes, masked.
-        _wait_for_inputs(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, D_PAD)
         in_head = d < HEAD_DIM
-        row = (bh // n_head) * stride_b + (bh % n_head) * stride_h + d
-        q = tl.load(q_ptr + row, mask=in_head, other=0.0).to(tl.float32) * scale
+        # This kernel starts once the one it waits for is past its own wait, when all kernels before that one are
+        # done: pos and the cache before pos are written by then, so the first block's loads go out before the wait
         pos = tl.load(pos_ptr)
         start = split * split_len
+        end = tl.minimum(start + split_len, pos)  # a split wholly after pos reads nothing
+        first = start + tl.arange(0, BLOCK)
+        first_valid = first < end
+        first_ptrs = (bh * max_len + first[:, None]) * HEAD_DIM + d[None, :]
+        k_first = tl.load(k_ptr + first_ptrs, mask=first_valid[:, None] & in_head[None, :], other=0.0)
+        v_first = tl.load(v_ptr + first_ptrs, mask=first_valid[:, None] & in_head[None, :], other=0.0)
+        _wait_for_inputs(PDL)
+        row = (bh // n_head) * stride_b + (bh % n_head) * stride_h + d
+        q = tl.load(q_ptr + row, mask=in_head, other=0.0).to(tl.float32) * scale
         cache = k_ptr.dtype.element_ty
         own = (start <= pos) & (pos < start + split_len)
         k_own = tl.load(k_new_ptr + row, mask=in_head, other=0.0)
@@ -419,20 +448,21 @@ if triton is not None:
         m = tl.where(own, tl.sum(k_own * q, 0), float("-inf"))
         total = tl.where(own, 1.0, 0.0)
         acc = tl.where(own, v_own.to(cache).to(tl.float32), 0.0)
-        end = tl.minimum(start + split_len, pos)  # a split wholly after pos reads nothing
-        for offset in range(start, end, BLOCK):
+        if start < end:  # else valid is empty, and a split after pos has nothing to add to
+            m, p, rescale = _softmax_scores(q, k_first, first_valid, m)
+            acc = acc * rescale + tl.sum(p[:, None] * v_first.to(tl.float32), 0)
+            total = total * rescale + tl.sum(p, 0)
+        for offset in range(start + BLOCK, end, BLOCK):
             n = offset + tl.arange(0, BLOCK)
             valid = n < end
             ptrs = (bh * max_len + n[:, None]) * HEAD_DIM + d[None, :]
-            k = tl.load(k_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            p = tl.exp(s - m_new)
-            rescale = tl.exp(m - m_new)
-            v = tl.load(v_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0).to(tl.float32)
-            acc = acc * rescale + tl.sum(p[:, None] * v, 0)
+            k = tl.load(k_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0)
+            m, p, rescale = _softmax_scores(q, k, valid, m)
+            # v is loaded after the scores, so k's and v's tiles are never in registers together (both at once
+            # cost ~20% of the bandwidth)
+            v = tl.load(v_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0)
+            acc = acc * rescale + tl.sum(p[:, None] * v.to(tl.float32), 0)
             total = total * rescale + tl.sum(p, 0)
-            m = m_new
         if SPLIT:
             out = bh * tl.num_programs(1) + split
             tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=in_head)
@@ -479,25 +509,74 @@ def _pow2_block(n, largest):
     return min(largest, n & -n)
 
 
-@torch.library.custom_op("igpt::fused_linear", mutates_args=())
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_gain: Optional[torch.Tensor],
-                 residual: Optional[torch.Tensor], gelu: bool, eps: float) -> torch.Tensor:
-    """act(norm(x) @ weight.T) + residual in one kernel, for the thin products of a decode step: x [M, K],
-    weight [N, K] (nn.Linear's), norm_gain [K] or None (no norm), residual [M, N] or None, gelu: x * sigmoid(1.702 x).
-    K and N must be multiples of 16. Batches of more than 64 rows take cuBLAS and separate kernels instead."""
+def norm_parts(x: torch.Tensor, gain: torch.Tensor):
+    """What a fused product reads of a norm's input x [M, K]: x * gain, rounded as x is, and the sums of squares of
+    x's rows [M, 1] in float32, so the product applies the norm's row scale after its loop (see fused_linear)."""
+    xf = x.float()
+    return (xf * gain.float()).to(x.dtype), xf.square().sum(1, keepdim=True)
+
+
+def _thin(M):
+    """Whether a product of M rows takes the thin Triton tiles; larger batches take cuBLAS, whose products beat
+    thin tiles there while the extra kernels matter less."""
+    return M <= 64
+
+
+def _launch_linear(x, weight, row_sq, residual, next_gain, gelu, eps):
     M, K = x.shape
     N = weight.size(0)
-    if M > 64:  # large batches: cuBLAS's product beats thin tiles, and the extra kernels matter less
-        h = F.linear(x if norm_gain is None else F.rms_norm(x, (K,), norm_gain, eps), weight)
+    config = linear_config(M, N, K)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), N // config["BLOCK_N"])
+    x, out = x.contiguous(), torch.empty(M, N, dtype=x.dtype, device=x.device)
+    gained, out_sq = (torch.empty_like(out), out.new_empty(M, grid[1], dtype=torch.float32)) if next_gain is not None \
+        else (out, out)  # placeholders the kernel never touches
+    _fused_linear[grid](
+        x, weight, x if row_sq is None else row_sq.contiguous(), residual if residual is None else residual.contiguous(),
+        next_gain, out, gained, out_sq, M, N, K, 1 if row_sq is None else row_sq.size(1), eps,
+        NORM=row_sq is not None, GELU=gelu, RESIDUAL=residual is not None, NEXT_NORM=next_gain is not None,
+        PARTS=1 if row_sq is None else triton.next_power_of_2(row_sq.size(1)), **_pdl(x.device), **config)
+    return out, gained, out_sq
+
+
+@torch.library.custom_op("igpt::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, row_sq: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], gelu: bool, eps: float) -> torch.Tensor:
+    """act(x @ weight.T * r) + residual in one kernel, for the thin products of a decode step: x [M, K],
+    weight [N, K] (nn.Linear's), residual [M, N] or None, gelu: x * sigmoid(1.702 x). With row_sq the product
+    is a norm's: x and row_sq are norm_parts of the norm's input, and r = rsqrt(mean of its squares + eps) (else
+    r = 1). K and N must be multiples of 16. Batches of more than 64 rows take cuBLAS and separate kernels."""
+    if not _thin(x.size(0)):
+        h = F.linear(x, weight)
+        if row_sq is not None:
+            h = h * torch.rsqrt(row_sq.sum(1, keepdim=True) / x.size(1) + eps).to(h.dtype)
         h = activation(h) if gelu else h
         return h if residual is None else h + residual
-    x, residual = x.contiguous(), None if residual is None else residual.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    config = linear_config(M, N, K)
-    _fused_linear[(triton.cdiv(M, config["BLOCK_M"]), N // config["BLOCK_N"])](
-        x, weight, norm_gain, residual, out, M, N, K, eps, NORM=norm_gain is not None, GELU=gelu,
-        RESIDUAL=residual is not None, **_pdl(x.device), **config)
-    return out
+    return _launch_linear(x, weight, row_sq, residual, None, gelu, eps)[0]
+
+
+@fused_linear.register_fake
+def _(x, weight, row_sq, residual, gelu, eps):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+@torch.library.custom_op("igpt::residual_linear", mutates_args=())
+def residual_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                    next_gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An update of the residual stream in one kernel: out = residual + x @ weight.T, returned with what the next
+    norm (gain next_gain) reads of it, out * next_gain and partial sums of squares of its rows [M, P], which
+    P tiles of columns write side by side (norm_parts gives the same with P = 1)."""
+    if not _thin(x.size(0)):
+        out = F.linear(x, weight) + residual
+        return (out, *norm_parts(out, next_gain))
+    return _launch_linear(x, weight, None, residual, next_gain, False, 0.0)  # eps is only read with a norm
+
+
+@residual_linear.register_fake
+def _(x, weight, residual, next_gain):
+    M, K = x.shape
+    N = weight.size(0)
+    parts = N // linear_config(M, N, K)["BLOCK_N"] if _thin(M) else 1
+    return x.new_empty(M, N), x.new_empty(M, N), x.new_empty(M, parts, dtype=torch.float32)
 
 
 def linear_config(M, N, K):
@@ -507,11 +586,6 @@ def linear_config(M, N, K):
     narrow = N <= 512
     return dict(BLOCK_M=16, BLOCK_N=_pow2_block(N, 16 if narrow else 32),
                 BLOCK_K=_pow2_block(K, 256 if narrow else 128), num_warps=2, num_stages=3)
-
-
-@fused_linear.register_fake
-def _(x, weight, norm_gain, residual, gelu, eps):
-    return x.new_empty(x.size(0), weight.size(0))
 
 
 # The fastest on an H100 of the tile shapes, warp counts, stages and row groupings tried for iGPT-S's c_fc at
@@ -579,17 +653,18 @@ def _(q, k, v, k_cache, v_cache, pos):
     return q.new_empty(q.shape)
 
 
-def fused_decode_block(block, x, input_pos):
-    """A block's decode step in the five kernels above: x is the residual stream [B, n_embd] of the new tokens,
-    block.attn.kv_cache receives their keys and values at input_pos. Returns the new residual stream."""
+def fused_decode_block(block, x, x_gained, x_sq, next_gain, input_pos):
+    """A block's decode step in the five kernels above: x is the residual stream [B, n_embd] of the new tokens and
+    x_gained, x_sq the norm_parts ln_1 reads of it; block.attn.kv_cache receives their keys and values at input_pos.
+    Returns the new residual stream with the parts that the next norm, of gain next_gain, reads."""
     B, C = x.shape
     attn, cache = block.attn, block.attn.kv_cache
-    qkv = fused_linear(x, attn.c_attn.weight, block.ln_1.g, None, False, block.ln_1.eps)
+    qkv = fused_linear(x_gained, attn.c_attn.weight, x_sq, None, False, block.ln_1.eps)
     q, k, v = qkv.view(B, 3, attn.n_head, C // attn.n_head).unbind(1)
     y = decode_attention(q, k, v, cache.k, cache.v, input_pos).view(B, C)
-    x = fused_linear(y, attn.c_proj.weight, None, x, False, 0.0)  # eps is only read with a norm
-    h = fused_linear(x, block.mlp.c_fc.weight, block.ln_2.g, None, True, block.ln_2.eps)
-    return fused_linear(h, block.mlp.c_proj.weight, None, x, False, 0.0)
+    x, x_gained, x_sq = residual_linear(y, attn.c_proj.weight, x, block.ln_2.g)
+    h = fused_linear(x_gained, block.mlp.c_fc.weight, x_sq, None, True, block.ln_2.eps)
+    return residual_linear(h, block.mlp.c_proj.weight, x, next_gain)
 
 
 # ---- sampling ----

@@ -131,16 +131,38 @@ print("ok")
 
 
 def test_gpu_fused_linear_equals_norm_product_activation_and_residual():
+    """The norm comes as norm_parts of its input, its sums of squares split over several partial columns."""
     run_in_triton_interpreter("""
 import torch, torch.nn.functional as F, igpt
 torch.manual_seed(0)
 for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 16)]:  # batches up to 64; K, N not powers of 2
     x, w, g, r = torch.randn(M, K), torch.randn(N, K), torch.rand(K) + 0.5, torch.randn(M, N)
+    x_gained, x_sq = igpt.norm_parts(x, g)
+    x_sq = torch.cat([x_sq * 0.25, x_sq * 0.75, torch.zeros(M, 1)], 1)  # three partial sums, not a power of 2
     for norm, gelu, residual in [(True, False, False), (False, False, True), (True, True, False), (True, True, True)]:
         h = F.linear(F.rms_norm(x, (K,), g, 1e-5) if norm else x, w)
         ref = (h * torch.sigmoid(1.702 * h) if gelu else h) + (r if residual else 0)
-        got = igpt.fused_linear(x, w, g if norm else None, r if residual else None, gelu, 1e-5)
+        got = igpt.fused_linear(x_gained if norm else x, w, x_sq if norm else None, r if residual else None, gelu, 1e-5)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (M, K, N, norm, gelu, residual)
+print("ok")
+""")
+
+
+def test_gpu_residual_linear_writes_the_next_norms_parts():
+    """out = residual + x W, and what the next norm reads of out: out * gain, and partial sums of squares of out's
+    rows (one per tile of columns) that add up to norm_parts' whole-row sums."""
+    run_in_triton_interpreter("""
+import torch, torch.nn.functional as F, igpt
+torch.manual_seed(0)
+for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 64)]:
+    x, w, r, g = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N), torch.rand(N) + 0.5
+    out, out_gained, out_sq = igpt.residual_linear(x, w, r, g)
+    ref = F.linear(x, w) + r
+    ref_gained, ref_sq = igpt.norm_parts(ref, g)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (M, K, N)
+    assert torch.allclose(out_gained, ref_gained, rtol=1e-5, atol=1e-5), (M, K, N)
+    assert out_sq.shape == (M, N // igpt.linear_config(M, N, K)["BLOCK_N"]), out_sq.shape
+    assert torch.allclose(out_sq.sum(1, keepdim=True), ref_sq, rtol=1e-5), (M, K, N)
 print("ok")
 """)
 
