@@ -341,6 +341,11 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
+    def _prefetch_to_l2(ptrs):
+        # ask for the 128-byte lines at ptrs to be brought into L2, without waiting for them
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _gelu(x):
         # x * sigmoid(1.702 x) as x / (1 + 2^(-1.702 log2(e) x)): one exp2 and one fast division, which matters
         # where the epilogue of a large product is the bottleneck
@@ -350,14 +355,19 @@ if triton is not None:
     def _fused_linear(x_ptr, w_ptr, sq_ptr, res_ptr, gain_ptr, out_ptr, out_gained_ptr, out_sq_ptr, M, N, K, n_parts,
                       eps, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr,
                       PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr):
+                      LINE: tl.constexpr, PDL: tl.constexpr):
         # out[m, n] = act(sum_k x[m, k] w[n, k] * r[m]) (+ res[m, n]), w nn.Linear's [N, K], N and K multiples of the
         # blocks. NORM: x is the normed input's x * g, and r[m] = rsqrt(sum_p sq[m, p] / K + eps) from the partial
         # sums of squares of its row (else r = 1), so the loop only loads and multiplies. NEXT_NORM: also write what
         # the next norm reads: out * gain and this tile's sums of squares of out's rows.
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if PDL and tl.program_id(0) == 0:
+            # the weights do not depend on the kernel before: while it finishes, bring this tile's columns into L2
+            # (LINE elements a line), so the loop below finds them there (~2 us less a block step)
+            for k0 in range(0, K, BLOCK_K):
+                _prefetch_to_l2(w_ptr + rn[:, None] * K + k0 + tl.arange(0, BLOCK_K // LINE)[None, :] * LINE)
         _wait_for_inputs(PDL)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = rm[:, None] < M
         if NORM:
             p = tl.arange(0, PARTS)
@@ -534,7 +544,8 @@ def _launch_linear(x, weight, row_sq, residual, next_gain, gelu, eps):
         x, weight, x if row_sq is None else row_sq.contiguous(), residual if residual is None else residual.contiguous(),
         next_gain, out, gained, out_sq, M, N, K, 1 if row_sq is None else row_sq.size(1), eps,
         NORM=row_sq is not None, GELU=gelu, RESIDUAL=residual is not None, NEXT_NORM=next_gain is not None,
-        PARTS=1 if row_sq is None else triton.next_power_of_2(row_sq.size(1)), **_pdl(x.device), **config)
+        PARTS=1 if row_sq is None else triton.next_power_of_2(row_sq.size(1)),
+        LINE=min(config["BLOCK_K"], 128 // weight.element_size()), **_pdl(x.device), **config)
     return out, gained, out_sq
 
 
