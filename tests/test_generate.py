@@ -135,7 +135,9 @@ def test_gpu_fused_linear_equals_norm_product_activation_and_residual():
     run_in_triton_interpreter("""
 import torch, torch.nn.functional as F, igpt
 torch.manual_seed(0)
-for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 16)]:  # batches up to 64; K, N not powers of 2
+# batches up to 64, K and N not powers of 2; wide products (N > 512) take tiles of up to 64 rows, here part-filled;
+# larger batches take plain ops
+for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 16), (3, 32, 544), (40, 32, 576), (65, 32, 48)]:
     x, w, g, r = torch.randn(M, K), torch.randn(N, K), torch.rand(K) + 0.5, torch.randn(M, N)
     x_gained, x_sq = igpt.norm_parts(x, g)
     x_sq = torch.cat([x_sq * 0.25, x_sq * 0.75, torch.zeros(M, 1)], 1)  # three partial sums, not a power of 2
@@ -154,14 +156,14 @@ def test_gpu_residual_linear_writes_the_next_norms_parts():
     run_in_triton_interpreter("""
 import torch, torch.nn.functional as F, igpt
 torch.manual_seed(0)
-for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 64)]:
+for M, K, N in [(1, 32, 48), (5, 64, 32), (64, 48, 64), (65, 32, 48)]:  # the last in plain ops
     x, w, r, g = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N), torch.rand(N) + 0.5
     out, out_gained, out_sq = igpt.residual_linear(x, w, r, g)
     ref = F.linear(x, w) + r
     ref_gained, ref_sq = igpt.norm_parts(ref, g)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (M, K, N)
     assert torch.allclose(out_gained, ref_gained, rtol=1e-5, atol=1e-5), (M, K, N)
-    assert out_sq.shape == (M, N // igpt.linear_config(M, N, K)["BLOCK_N"]), out_sq.shape
+    assert out_sq.shape == (M, N // igpt.linear_config(M, N, K)["BLOCK_N"] if M <= 64 else 1), out_sq.shape
     assert torch.allclose(out_sq.sum(1, keepdim=True), ref_sq, rtol=1e-5), (M, K, N)
 print("ok")
 """)
