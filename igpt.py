@@ -311,7 +311,9 @@ class IGPT(nn.Module):
 # next norm reads, x g and its tile's sums of squares of x's rows: then the product's loop only loads and
 # multiplies, which keeps its loads pipelined (an elementwise pass over x inside the loop stalls it, ~2 us a product).
 # On Hopper they launch with programmatic dependent launch (PDL): each kernel is scheduled while the one before it
-# finishes and waits at its start for that kernel's results, so the gaps between a step's 120 kernels overlap work.
+# finishes and waits at its start for that kernel's results, so the gaps between a step's 120 kernels overlap work,
+# and what does not depend on that kernel is asked for before the wait: the products' weights, attention's first
+# block of the cache.
 # In 16-bit inference over whole sequences (probe features, the prefill of completions) the products are
 # large and cuBLAS's are the fastest, except the MLP's first: its activation, a separate pass over the widest
 # tensor, costs nearly as much as the product, so linear_gelu applies it in a Triton product's epilogue.
@@ -362,8 +364,9 @@ if triton is not None:
         # the next norm reads: out * gain and this tile's sums of squares of out's rows.
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL and tl.program_id(0) == 0:
-            # the weights do not depend on the kernel before: while it finishes, bring this tile's columns into L2
-            # (LINE elements a line), so the loop below finds them there (~2 us less a block step)
+            # the weights do not depend on the kernel before: while it finishes, the first tile of rows asks for its
+            # columns of them in L2 (LINE elements a line), where every tile's loop below finds them (~2 us less a
+            # block step)
             for k0 in range(0, K, BLOCK_K):
                 _prefetch_to_l2(w_ptr + rn[:, None] * K + k0 + tl.arange(0, BLOCK_K // LINE)[None, :] * LINE)
         _wait_for_inputs(PDL)
@@ -541,7 +544,7 @@ def _launch_linear(x, weight, row_sq, residual, next_gain, gelu, eps):
     gained, out_sq = (torch.empty_like(out), out.new_empty(M, grid[1], dtype=torch.float32)) if next_gain is not None \
         else (out, out)  # placeholders the kernel never touches
     _fused_linear[grid](
-        x, weight, x if row_sq is None else row_sq.contiguous(), residual if residual is None else residual.contiguous(),
+        x, weight, x if row_sq is None else row_sq.contiguous(), None if residual is None else residual.contiguous(),
         next_gain, out, gained, out_sq, M, N, K, 1 if row_sq is None else row_sq.size(1), eps,
         NORM=row_sq is not None, GELU=gelu, RESIDUAL=residual is not None, NEXT_NORM=next_gain is not None,
         PARTS=1 if row_sq is None else triton.next_power_of_2(row_sq.size(1)),
