@@ -536,6 +536,7 @@ def _thin(M):
 
 
 def _launch_linear(x, weight, row_sq, residual, next_gain, gelu, eps):
+    # _fused_linear on thin tiles; returns out and, with next_gain, what the next norm reads of it
     M, K = x.shape
     N = weight.size(0)
     config = linear_config(M, N, K)
