@@ -235,9 +235,9 @@ class IGPT(nn.Module):
         return self._decode(h, torch.arange(P + 1, device=h.device))[:, -1]
 
     def decode_step(self, token, input_pos):
-        """One cached step: token [B] is x_{p-1} at position p = input_pos (a [1] tensor on the model's device,
-        p >= 1); returns logits [B, n_vocab] for x_p."""
-        h = self.wte(token)[:, None] + self.wpe(input_pos)
+        """One cached step: token [B] is x_{p-1} at position p = input_pos (a [1] tensor on the model's device;
+        at p = 0 the input is sos and token is not read); returns logits [B, n_vocab] for x_p."""
+        h = torch.where(input_pos == 0, self.sos, self.wte(token))[:, None] + self.wpe(input_pos)
         return self._decode(h, input_pos)[:, -1]
 
     def _decode(self, h, input_pos):
@@ -329,6 +329,7 @@ except ImportError:
 # Attention's launch, the fastest on an H100 for iGPT-S at batch 64 of 512-4096 programs, blocks of 32-128 positions
 # and 2-8 warps:
 DECODE_BLOCK = 128       # cache positions per loop iteration of an attention program
+DECODE_FIRST_BLOCK = 16  # positions of its first block, read before the wait for its inputs
 DECODE_TILE = 8192       # at most this many elements of k (and of v) per iteration, so wider heads keep registers
 DECODE_PROGRAMS = 512    # split a layer's attention over the positions until it has about this many programs
 DECODE_WARPS = 2         # twice as many for heads padded to a power of 2, as iGPT-L's 96 (see sample_throughput)
@@ -427,7 +428,7 @@ if triton is not None:
     def _decode_attention_split(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr,
                                 sum_ptr, stride_b, stride_h, n_head, max_len, split_len, scale,
                                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                                SPLIT: tl.constexpr, PDL: tl.constexpr):
+                                FIRST_BLOCK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         # One program: one (sequence, head) and the positions [start, start + split_len) that are <= pos, by an
         # online softmax. The new token's own key and value come from k_new, v_new: the program whose split holds
         # pos starts its softmax with them and writes them to the cache, and every program reads only the cached
@@ -438,11 +439,13 @@ if triton is not None:
         d = tl.arange(0, D_PAD)
         in_head = d < HEAD_DIM
         # This kernel starts once the one it waits for is past its own wait, when all kernels before that one are
-        # done: pos and the cache before pos are written by then, so the first block's loads go out before the wait
+        # done: pos and the cache before pos are written by then, so the first block's loads go out before the wait.
+        # That block is short (FIRST_BLOCK positions): at the early positions it is all there is to read, and a full
+        # block's arithmetic on masked lanes cost ~2.5 us a layer there.
         pos = tl.load(pos_ptr)
         start = split * split_len
         end = tl.minimum(start + split_len, pos)  # a split wholly after pos reads nothing
-        first = start + tl.arange(0, BLOCK)
+        first = start + tl.arange(0, FIRST_BLOCK)
         first_valid = first < end
         first_ptrs = (bh * max_len + first[:, None]) * HEAD_DIM + d[None, :]
         k_first = tl.load(k_ptr + first_ptrs, mask=first_valid[:, None] & in_head[None, :], other=0.0)
@@ -465,7 +468,7 @@ if triton is not None:
             m, p, rescale = _softmax_scores(q, k_first, first_valid, m)
             acc = acc * rescale + tl.sum(p[:, None] * v_first.to(tl.float32), 0)
             total = total * rescale + tl.sum(p, 0)
-        for offset in range(start + BLOCK, end, BLOCK):
+        for offset in range(start + FIRST_BLOCK, end, BLOCK):
             n = offset + tl.arange(0, BLOCK)
             valid = n < end
             ptrs = (bh * max_len + n[:, None]) * HEAD_DIM + d[None, :]
@@ -670,8 +673,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                for shape in ([D], [], [])] if n_splits > 1 else [out] * 3  # placeholders a single split never uses
     _decode_attention_split[(B * H, n_splits)](
         q, k, v, k_cache, v_cache, pos, out, *partial, q.stride(0), q.stride(1), H, T, split_len, D ** -0.5,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK=block, SPLIT=n_splits > 1, num_warps=DECODE_WARPS * (1 if D == d_pad else 2),
-        **_pdl(q.device))
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK=block, FIRST_BLOCK=min(DECODE_FIRST_BLOCK, block), SPLIT=n_splits > 1,
+        num_warps=DECODE_WARPS * (1 if D == d_pad else 2), **_pdl(q.device))
     if n_splits > 1:
         _decode_attention_combine[(B * H,)](*partial, out, n_splits, HEAD_DIM=D, D_PAD=d_pad,
                                             SPLITS=triton.next_power_of_2(n_splits), **_pdl(q.device))
@@ -717,19 +720,43 @@ def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None)
     return torch.argmax(logits + gumbel, dim=-1)
 
 
-def _decode_and_sample(model, token, input_pos, uniform, temperature, top_k, top_p):
-    logits = model.decode_step(token, input_pos)
-    return sample_from_logits(logits, uniform, temperature, top_k, top_p)
+def _sample_step(model, tokens, noise, pos, temperature, top_k, top_p):
+    # One token for every sequence, in place and on the device: tokens[:, pos] is drawn from the logits after
+    # tokens[:, pos - 1] (sos at pos 0) with the noise noise[pos], then pos moves on. Nothing comes from the host,
+    # so one CUDA graph of this step is replayed unchanged for every position.
+    logits = model.decode_step(tokens.index_select(1, (pos - 1).clamp(min=0))[:, 0], pos)
+    drawn = sample_from_logits(logits, noise.index_select(0, pos)[0], temperature, top_k, top_p)
+    tokens.index_copy_(1, pos, drawn[:, None])
+    pos += 1
 
 
 _compiled_step = None
 
 
-def _compiled_decode_and_sample():
+def _compiled_sample_step():
     global _compiled_step
-    if _compiled_step is None:  # one compile per process; CUDA graphs remove the per-kernel launch cost
-        _compiled_step = torch.compile(_decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    if _compiled_step is None:  # one compile per process: the embedding, norms and sampling fuse into few kernels
+        _compiled_step = torch.compile(_sample_step, fullgraph=True, dynamic=False)
     return _compiled_step
+
+
+def _cuda_graph(step, pos):
+    """step() captured as a CUDA graph, so a replay launches all its kernels for a few microseconds of host time.
+    Capture needs one real call first (lazy initialisation, compilation): it does what the first replay will do
+    again, so only pos is set back."""
+    start = pos.clone()
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(pos.device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        pos.copy_(start)
+        graph.capture_begin()  # not torch.cuda.graph(), which empties the allocator's cache on every capture
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph.replay
 
 
 @torch.no_grad()
@@ -739,8 +766,8 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
 
     prime: optional [B, P] tokens to keep and continue (completions); else num_samples unconditional images.
     generator: the torch.Generator (on the model's device) that draws all noise up front, so one seed gives the
-    same images on one device. compile: run the one-token step through torch.compile with CUDA graphs (GPU),
-    so a step is one graph replay with no host synchronisation. progress: called as progress(done, total)."""
+    same images on one device. compile: run the one-token step through torch.compile. On a GPU the step is one
+    CUDA graph, replayed for every position with no host synchronisation. progress: called as progress(done, total)."""
     device = model.wte.weight.device
     T = model.config.block_size
     if prime is None:
@@ -751,15 +778,20 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
     B, P = prime.shape
     if P >= T:
         raise ValueError(f"prime has {P} tokens; it must be shorter than the {T} of an image")
-    noise = torch.rand(T - P, B, model.config.n_vocab, generator=generator, device=device)
+    noise = torch.empty(T, B, model.config.n_vocab, device=device)  # row i for position i; rows < P go unused
+    torch.rand(T - P, B, model.config.n_vocab, generator=generator, device=device, out=noise[P:])
     tokens = torch.cat([prime, torch.zeros(B, T - P, dtype=torch.long, device=device)], dim=1)
-    positions = torch.arange(T, device=device)
-    step = _compiled_decode_and_sample() if compile else _decode_and_sample
     model.setup_kv_cache(B)
     try:
-        tokens[:, P] = sample_from_logits(model.prefill(prime), noise[0], temperature, top_k, top_p)
-        for i in range(P + 1, T):
-            tokens[:, i] = step(model, tokens[:, i - 1], positions[i:i + 1], noise[i - P], temperature, top_k, top_p)
+        if P > 0:  # positions 0..P-1 into the cache (the logits returned, of x_{P-1}, are the prime's to give)
+            model.prefill(prime[:, :P - 1])
+        pos = torch.tensor([P], device=device)
+        step_fn = _compiled_sample_step() if compile else _sample_step
+        step = lambda: step_fn(model, tokens, noise, pos, temperature, top_k, top_p)
+        if device.type == "cuda":
+            step = _cuda_graph(step, pos)
+        for i in range(P, T):
+            step()
             if progress is not None:
                 progress(i + 1, T)
     finally:

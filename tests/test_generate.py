@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import igpt
 from igpt import generate, sample_from_logits
 from tiny import tiny_model, tokens
 
@@ -26,7 +27,7 @@ def test_cached_step_logits_equal_the_full_forward_at_every_position():
     full = model(x)[0]
     T = x.shape[1]
     model.setup_kv_cache(x.shape[0])
-    got = [model.prefill(x[:, :0])]
+    got = [model.decode_step(x[:, 0], torch.tensor([0]))]  # sos at position 0: the token is not read
     for i in range(1, T):
         got.append(model.decode_step(x[:, i - 1], torch.tensor([i])))
     model.setup_kv_cache(None)
@@ -91,6 +92,19 @@ def test_gumbel_max_draws_follow_the_softmax():
     torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("prime_len", [0, 5])
+def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkeypatch):
+    """The captured step is replayed for every position: its warm-up call must leave no trace, and each replay
+    must read the position it advanced to."""
+    model = tiny_model().cuda()
+    prime = tokens(batch=4)[:, :prime_len].cuda()
+    graphed = generate(model, prime=prime, generator=torch.Generator("cuda").manual_seed(0))
+    monkeypatch.setattr(igpt, "_cuda_graph", lambda step, pos: step)
+    eager = generate(model, prime=prime, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.equal(graphed, eager) and torch.equal(graphed[:, :prime_len], prime)
+
+
 def test_prime_as_long_as_the_image_is_an_error():
     with pytest.raises(ValueError, match="shorter than"):
         generate(tiny_model(), prime=tokens(batch=1))
@@ -108,14 +122,15 @@ def run_in_triton_interpreter(script):
 
 def test_gpu_decode_attention_appends_to_the_cache_and_attends_over_the_prefix():
     """Every position count, splits that are partly filled, wholly empty, and a cache length that is not a
-    multiple of the split; the new key and value land at pos and nowhere else."""
+    multiple of the split; a first block shorter than the others; the new key and value land at pos and nowhere
+    else."""
     run_in_triton_interpreter("""
 import torch, igpt
 torch.manual_seed(0)
-igpt.DECODE_BLOCK = 16
+igpt.DECODE_BLOCK, igpt.DECODE_FIRST_BLOCK = 16, 4
 shapes = [(2, 3, 130, 16), (1, 2, 64, 32), (2, 2, 70, 24)]  # B, H, T, D; 24 is no power of 2, like iGPT-L's 96
 cases = [(programs, shape, p) for programs in [1, 8, 1000]  # one split per sequence, a few, one block per split
-         for shape in shapes for p in sorted({0, 1, 15, 16, 63, 64, shape[2] - 1}) if p < shape[2]]
+         for shape in shapes for p in sorted({0, 1, 3, 4, 15, 16, 20, 21, 63, 64, shape[2] - 1}) if p < shape[2]]
 for programs, (B, H, T, D), p in cases:
     igpt.DECODE_PROGRAMS = programs
     k_cache, v_cache = torch.randn(2, B, H, T, D)
@@ -190,12 +205,12 @@ def test_gpu_fused_decode_step_logits_equal_the_full_forward():
 import sys, torch, igpt
 sys.path.insert(0, "tests")
 from tiny import tiny_model, tokens
-igpt.DECODE_BLOCK, igpt.DECODE_PROGRAMS = 4, 24  # several splits per sequence
+igpt.DECODE_BLOCK, igpt.DECODE_FIRST_BLOCK, igpt.DECODE_PROGRAMS = 4, 2, 24  # several splits per sequence
 model, x = tiny_model(n_embd=48), tokens()  # heads of 12, no power of 2
 assert model.can_fuse_decode(x)
 full = model(x)[0]
 model.setup_kv_cache(x.shape[0])
-got = [model.prefill(x[:, :0])] + [model.decode_step(x[:, i - 1], torch.tensor([i])) for i in range(1, x.shape[1])]
+got = [model.decode_step(x[:, max(i - 1, 0)], torch.tensor([i])) for i in range(x.shape[1])]  # sos at 0
 torch.testing.assert_close(torch.stack(got, 1), full, rtol=1e-5, atol=1e-5)
 print("ok")
 """)
