@@ -469,8 +469,10 @@ if triton is not None:
             m, p, rescale = _softmax_scores(q, k_first, first_valid, m)
             acc = acc * rescale + tl.sum(p[:, None] * v_first.to(tl.float32), 0)
             total = total * rescale + tl.sum(p, 0)
-        for offset in range(start + FIRST_BLOCK, end, BLOCK):
-            n = offset + tl.arange(0, BLOCK)
+        # the loop counts from the split's start, from a constant: a loop from start + FIRST_BLOCK made a step at
+        # batch 64 2.7% slower on average over the positions (3% at the last), on an H100
+        for offset in range(FIRST_BLOCK, end - start, BLOCK):
+            n = start + offset + tl.arange(0, BLOCK)
             valid = n < end
             ptrs = (bh * max_len + n[:, None]) * HEAD_DIM + d[None, :]
             k = tl.load(k_ptr + ptrs, mask=valid[:, None] & in_head[None, :], other=0.0)
