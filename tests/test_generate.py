@@ -100,9 +100,50 @@ def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkey
     model = tiny_model().cuda()
     prime = tokens(batch=4)[:, :prime_len].cuda()
     graphed = generate(model, prime=prime, generator=torch.Generator("cuda").manual_seed(0))
+    model.setup_kv_cache(None)  # else the next call replays the kept graph
     monkeypatch.setattr(igpt, "_cuda_graph", lambda step, pos: step)
     eager = generate(model, prime=prime, generator=torch.Generator("cuda").manual_seed(0))
     assert torch.equal(graphed, eager) and torch.equal(graphed[:, :prime_len], prime)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_second_call_reuses_the_kept_sampler_and_draws_what_a_fresh_model_draws(device):
+    """The second call, unconditional after a completion of the same batch size, finds the first call's buffers
+    (and on a GPU its graph): nothing of the completion may leak into it."""
+    model = tiny_model().to(device)
+    generate(model, prime=tokens(batch=2)[:, :6].to(device), generator=torch.Generator(device).manual_seed(5))
+    kept = igpt._samplers[model]
+    again = generate(model, num_samples=2, generator=torch.Generator(device).manual_seed(7))
+    assert igpt._samplers[model] is kept
+    fresh = generate(tiny_model().to(device), num_samples=2, generator=torch.Generator(device).manual_seed(7))
+    assert torch.equal(again, fresh)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_changed_in_place_or_replaced_are_what_the_next_call_samples_from(device):
+    model = tiny_model().to(device)
+    generate(model, num_samples=2, generator=torch.Generator(device).manual_seed(0))
+    with torch.no_grad():
+        model.wtet.weight.mul_(3.0)  # in place: the same addresses, so the kept graph reads the new values
+    scaled = tiny_model().to(device)
+    with torch.no_grad():
+        scaled.wtet.weight.mul_(3.0)
+    draw = lambda m: generate(m, num_samples=2, generator=torch.Generator(device).manual_seed(1))
+    assert torch.equal(draw(model), draw(scaled))
+    other = tiny_model(seed=4).to(device)
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors: a new sampler
+    assert torch.equal(draw(model), draw(other))
+
+
+def test_setup_kv_cache_none_frees_what_generate_keeps():
+    model = tiny_model()
+    generate(model, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert model in igpt._samplers and model.h[0].attn.kv_cache is not None
+    model.setup_kv_cache(None)
+    assert model not in igpt._samplers and all(block.attn.kv_cache is None for block in model.h)
 
 
 def test_prime_as_long_as_the_image_is_an_error():
