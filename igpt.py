@@ -23,7 +23,7 @@ import os
 import tempfile
 import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -777,7 +777,7 @@ class _Sampler:
     tokens: torch.Tensor  # [B, T]: the prime, then each drawn token
     noise: torch.Tensor   # [T, B, n_vocab]: row i draws position i
     pos: torch.Tensor     # [1]: the position the next step draws
-    replay: Optional[object] = None  # the captured step (CUDA)
+    replay: Optional[Callable[[], None]] = None  # the captured step (CUDA)
 
 
 _samplers = weakref.WeakKeyDictionary()  # model -> its _Sampler; setup_kv_cache drops the model's entry
@@ -830,10 +830,12 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
     s.pos.fill_(P)
     if P > 0:  # positions 0..P-1 into the cache (the logits returned, of x_{P-1}, are the prime's to give)
         model.prefill(prime[:, :P - 1])
-    step_fn = _compiled_sample_step() if compile else _sample_step
-    step = s.replay or (lambda: step_fn(model, s.tokens, s.noise, s.pos, temperature, top_k, top_p))
-    if device.type == "cuda" and s.replay is None:
-        step = s.replay = _cuda_graph(step, s.pos)
+    step = s.replay
+    if step is None:
+        step_fn = _compiled_sample_step() if compile else _sample_step
+        step = lambda: step_fn(model, s.tokens, s.noise, s.pos, temperature, top_k, top_p)
+        if device.type == "cuda":
+            step = s.replay = _cuda_graph(step, s.pos)
     for i in range(P, T):
         step()
         if progress is not None:
