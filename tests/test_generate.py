@@ -146,6 +146,25 @@ def test_setup_kv_cache_none_frees_what_generate_keeps():
     assert model not in igpt._samplers and all(block.attn.kv_cache is None for block in model.h)
 
 
+@pytest.mark.parametrize("batch, n_embd, halves", [(64, 512, True), (32, 256, True), (16, 512, False),
+                                                    (63, 512, False), (128, 512, False), (64, 1024, False)])
+def test_late_steps_of_batches_of_32_to_64_narrow_rows_run_in_halves(batch, n_embd, halves, monkeypatch):
+    monkeypatch.setattr(igpt.IGPT, "can_fuse_decode", lambda self, h: True)
+    model = igpt.IGPT(igpt.IGPTConfig(n_px=6, n_vocab=16, n_embd=n_embd, n_head=8, n_layer=1))
+    assert igpt._halves_from(model, batch) == (24 if halves else 36)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_generation_in_halves_draws_the_tokens_of_one_chain(monkeypatch):
+    """The step in halves (two streams, a CUDA graph of its own) from the middle of the image on."""
+    model = tiny_model().cuda()
+    one = generate(model, num_samples=4, generator=torch.Generator("cuda").manual_seed(0))
+    model.setup_kv_cache(None)
+    monkeypatch.setattr(igpt, "_halves_from", lambda model, batch_size: 7)
+    halves = generate(model, num_samples=4, generator=torch.Generator("cuda").manual_seed(0))
+    assert set(igpt._samplers[model].steps) == {False, True} and torch.equal(one, halves)
+
+
 def test_prime_as_long_as_the_image_is_an_error():
     with pytest.raises(ValueError, match="shorter than"):
         generate(tiny_model(), prime=tokens(batch=1))
@@ -253,5 +272,25 @@ full = model(x)[0]
 model.setup_kv_cache(x.shape[0])
 got = [model.decode_step(x[:, max(i - 1, 0)], torch.tensor([i])) for i in range(x.shape[1])]  # sos at 0
 torch.testing.assert_close(torch.stack(got, 1), full, rtol=1e-5, atol=1e-5)
+print("ok")
+""")
+
+
+def test_gpu_fused_decode_in_halves_equals_one_chain():
+    """Each half's chain writes its own rows of the caches and computes its rows' logits."""
+    run_in_triton_interpreter("""
+import sys, torch, igpt
+sys.path.insert(0, "tests")
+from tiny import tiny_model, tokens
+model, x = tiny_model(), tokens(batch=4)
+logits, caches = {}, {}
+for halves in (False, True):
+    model.setup_kv_cache(x.shape[0])
+    logits[halves] = torch.stack([model.decode_step(x[:, max(i - 1, 0)], torch.tensor([i]), halves)
+                                  for i in range(x.shape[1])], 1)
+    caches[halves] = torch.stack([torch.stack([b.attn.kv_cache.k, b.attn.kv_cache.v]) for b in model.h])
+torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(caches[True], caches[False], rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(logits[True], model(x)[0], rtol=1e-5, atol=1e-5)
 print("ok")
 """)
