@@ -351,7 +351,7 @@ def _generation_bytes(model, batch_size):
 
 
 def _time_generate(model, batch_size, repeat=3):
-    """Seconds of generate for batch_size images: the median of `repeat` calls that replay the step's graph kept
+    """Seconds of generate for batch_size images: the median of `repeat` calls that replay the steps' graphs kept
     from the call before, and one call that captures its own, as the first call of a batch size does (after a
     call that compiles)."""
     from igpt import generate
@@ -392,7 +392,7 @@ def sample():
         out[f"ours_b{batch_size}"] = {"seconds": seconds, "GB_per_s": gbps, "bandwidth_floor_s": floor,
                                       "first_call_seconds": first}
         print(f"ours: {batch_size} image(s) in {seconds:.3f}s, {gbps:.0f} GB/s (memory floor {floor:.2f}s); "
-              f"a first call, capturing the step: {first:.3f}s", flush=True)
+              f"a first call, capturing the steps: {first:.3f}s", flush=True)
     del model
     for batch_size in (64, 1):
         seconds = _hf_generate_seconds(batch_size)
