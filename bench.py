@@ -175,7 +175,7 @@ def probe_features():
     import numpy as np
     from igpt import IGPT, IGPTConfig
     from probe import extract_features
-    from quantize import default_device
+    from common import default_device
     small = os.environ.get("IGPT_BENCH_SMALL") == "1"
     torch.manual_seed(0)
     config = IGPTConfig.preset("s", **(dict(n_layer=2, n_px=8) if small else {}))
@@ -235,7 +235,7 @@ def probe_fit():
     GPU. IGPT_BENCH_SMALL=1: 5,000 x 64."""
     from sklearn.linear_model import LogisticRegression
     from probe import accuracy, fit_logistic, standardise
-    from quantize import default_device
+    from common import default_device
     small = os.environ.get("IGPT_BENCH_SMALL") == "1"
     n, d, k, C = (5_000, 64, 10, 0.01) if small else (50_000, 512, 10, 0.01)
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from quantize import fetch, load_palette, log
+from common import log
+from quantize import fetch, load_palette
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/image-gpt"
 STEPS = (131000, 262000, 524000, 1000000)  # the released training steps

@@ -20,7 +20,6 @@ Also here: the checkpoint format (`save_checkpoint`, `IGPT.from_checkpoint`), `c
 import inspect
 import math
 import os
-import tempfile
 import weakref
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
@@ -28,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import atomic_write
 
 PRESETS = {  # the released models: n_embd, n_head, n_layer (76M, 455M, 1.4B parameters)
     "s": dict(n_embd=512, n_head=8, n_layer=24),
@@ -921,23 +922,6 @@ def save_checkpoint(path, model=None, palette=None, **extra):
     if palette is not None:
         obj["palette"] = torch.as_tensor(palette, dtype=torch.float32)
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path, write):
-    """write(file) into a temp file beside `path` (folders made as needed), flushed to disk, then renamed over
-    `path`: an interrupted write never leaves a half-written file in place of a good one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path, map_location="cpu"):

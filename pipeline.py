@@ -24,7 +24,7 @@ import probe
 import quantize
 import sample
 import train
-from igpt import atomic_write
+from common import atomic_write
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {

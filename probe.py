@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from igpt import IGPT
-from quantize import default_device, load_tokens
+from common import default_device
+from quantize import load_tokens
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"

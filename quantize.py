@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from igpt import atomic_write
+from common import atomic_write, default_device, log
 
 CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -67,15 +67,6 @@ CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "plus", "stripes_h", "stripes_v", "checker")
 SPLITS = ("tr", "va", "te")
-
-
-def default_device():
-    """Where the palette, encoding and probe work run by default: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def log(msg, end="\n"):
-    print(msg, end=end, file=sys.stderr, flush=True)
 
 
 # ---- the palette: k-means, encode, decode ----

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from igpt import IGPT, generate
-from quantize import decode, default_device, encode, load_images, load_palette, save_grid
+from common import default_device
+from quantize import decode, encode, load_images, load_palette, save_grid
 
 
 def parse_args(argv=None):
