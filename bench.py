@@ -56,12 +56,13 @@ def device_name():
 @benchmark
 def precision():
     """iGPT-S on the GPU: logits under bf16 autocast and torch.compile against fp32 eager (target relative error
-    < 1e-2), and of the model cast to bf16 with and without the MLP's fused product linear_gelu; and the KV-cached
-    decode step (the Triton kernels) against the full forward at every one of the 1024 positions, in fp32 (TF32
-    off)."""
-    from igpt import IGPT, IGPTConfig
+    < 1e-2), and of the model cast to bf16 with and without the MLP's fused product (engine.fuse_mlp); and the
+    fused decode step (engine.fused_decode) against the full forward at every one of the 1024 positions, in fp32
+    (TF32 off)."""
+    import igpt
+    from engine import fuse_mlp, fused_decode
     torch.manual_seed(0)
-    model = IGPT(IGPTConfig.preset("s")).cuda().eval()
+    model = igpt.IGPT(igpt.IGPTConfig.preset("s")).cuda().eval()
     torch.nn.init.normal_(model.wtet.weight, std=0.02)
     x = torch.randint(0, 512, (8, 1024), device="cuda")
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
@@ -71,22 +72,21 @@ def precision():
             fast = torch.compile(model)(x)[0]
         rel = relative_error(fast, ref)
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        rel_bf16 = relative_error(model_bf16(x)[0], ref)
-        with torch.enable_grad():  # the training path: cuBLAS's product, then the activation
-            plain = model_bf16(x)[0].detach()
-        rel_bf16_plain = relative_error(plain, ref)
-        model.setup_kv_cache(len(x))
+        rel_bf16_plain = relative_error(model_bf16(x)[0], ref)
+        rel_bf16 = relative_error(fuse_mlp(model_bf16)(x)[0], ref)
+        c = model.config
+        caches = [igpt.KVCache(len(x), c.n_head, c.block_size, c.n_embd // c.n_head, torch.float32, "cuda")
+                  for _ in model.h]
         positions = torch.arange(1024, device="cuda")
-        cached = [model.prefill(x[:, :0])] + [model.decode_step(x[:, i - 1], positions[i:i + 1])
-                                              for i in range(1, 1024)]
-        model.setup_kv_cache(None)
+        cached = [fused_decode(model, caches, model.embed_next(x[:, max(i - 1, 0)], pos)[:, 0], pos).float()
+                  for i in range(1024) for pos in [positions[i:i + 1]]]
         cached = torch.stack(cached, 1).double()
         rel_cached = relative_error(cached, ref)
         max_cached = ((cached - ref.double()).abs().max() / ref.double().abs().max()).item()
     torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"iGPT-S logits, bf16 autocast + compile vs fp32 eager: relative error {rel:.2e}; "
           f"bf16 model vs fp32: {rel_bf16:.2e} with the fused MLP product, {rel_bf16_plain:.2e} without")
-    print(f"iGPT-S logits, cached decode steps vs full forward (fp32, all 1024 positions): relative error "
+    print(f"iGPT-S logits, fused decode steps vs full forward (fp32, all 1024 positions): relative error "
           f"{rel_cached:.2e}, largest difference {max_cached:.2e} of the largest logit")
     return {"relative_error_bf16_compiled": rel, "relative_error_bf16_model": rel_bf16,
             "relative_error_bf16_model_unfused": rel_bf16_plain,
@@ -212,13 +212,14 @@ def linear_gelu():
     the compiled activation, and cuBLAS's product alone: milliseconds a call (50 calls in a row, median of 5)."""
     import torch.nn.functional as F
     import igpt
+    import kernels
     torch.manual_seed(0)
     x = torch.randn(262_144, 512, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(2048, 512, device="cuda") * 512 ** -0.5).bfloat16()
     unfused = torch.compile(lambda x, w: igpt.activation(F.linear(x, w)))
     ref = igpt.activation(F.linear(x.float(), w.float()))
     out = {}
-    candidates = {"linear_gelu": igpt.linear_gelu, "cublas_then_activation": unfused, "cublas_product_only": F.linear}
+    candidates = {"linear_gelu": kernels.linear_gelu, "cublas_then_activation": unfused, "cublas_product_only": F.linear}
     for name, fn in candidates.items():
         rel = relative_error(fn(x, w), ref) if name != "cublas_product_only" else None
         out[name] = {"ms": timeit(lambda: [fn(x, w) for _ in range(50)], warmup=2, repeat=5) / 50 * 1e3,
@@ -350,17 +351,26 @@ def _generation_bytes(model, batch_size):
     return sum(range(1, T + 1)) * per_position + T * model.get_num_params() * 2
 
 
-def _time_generate(model, batch_size, repeat=3):
-    """Seconds of generate for batch_size images: the median of `repeat` calls that replay the steps' graphs kept
-    from the call before, and one call that captures its own, as the first call of a batch size does (after a
-    call that compiles)."""
-    from igpt import generate
+def read_bandwidth():
+    """Bytes per second this GPU reads at: torch.sum over 4 GB, the best of 5, the floor any cache read runs at."""
+    x = torch.empty(1 << 30, dtype=torch.float32, device="cuda").fill_(1.0)
+    seconds = min(timeit(lambda: x.sum(), warmup=2, repeat=1) for _ in range(5))
+    del x
+    torch.cuda.empty_cache()
+    return (1 << 32) / seconds
+
+
+def _time_generate(model, batch_size, fast=True, repeat=3):
+    """Seconds of one engine's generate for batch_size images: the median of `repeat` calls that replay the
+    graphs the call before captured, and the first call of a new engine, which captures its own (after a warm-up
+    engine compiled the step). fast=False: the plain path (igpt.generate, its step compiled), one call."""
+    from engine import Engine
     g = torch.Generator(device="cuda").manual_seed(0)
-    run = lambda: generate(model, num_samples=batch_size, generator=g, compile=True)
-    run()
-    model.setup_kv_cache(None)  # drops the kept graph
+    Engine(model, fast=fast).generate(num_samples=batch_size, generator=g)  # compile
+    engine = Engine(model, fast=fast)
+    run = lambda: engine.generate(num_samples=batch_size, generator=g)
     first = timeit(run, warmup=0, repeat=1)
-    return timeit(run, warmup=0, repeat=repeat), first
+    return (timeit(run, warmup=0, repeat=repeat) if fast else first), first
 
 
 def _hf_generate_seconds(batch_size):
@@ -380,19 +390,22 @@ def _hf_generate_seconds(batch_size):
 
 @benchmark
 def sample():
-    """iGPT-S, bf16, 1024 tokens per image: 64 images and one image, ours (static KV cache, the fused step
-    compiled into a CUDA graph) beside transformers' generate; achieved memory bandwidth from the bytes the cache
-    forces."""
-    out = {}
+    """iGPT-S, bf16, 1024 tokens per image: 64 images and one image through the engine (the fused step compiled
+    into CUDA graphs), through the plain path (igpt.generate, its step compiled), and transformers' generate;
+    achieved memory bandwidth from the bytes the cache forces, against what this GPU reads at."""
+    out = {"read_bandwidth_GB_per_s": read_bandwidth() / 1e9}
+    print(f"this GPU reads at {out['read_bandwidth_GB_per_s']:.0f} GB/s (torch.sum)", flush=True)
     model = _sampling_model("s")
     for batch_size in (64, 1):
         seconds, first = _time_generate(model, batch_size)
-        floor = _generation_bytes(model, batch_size) / 3.0e12  # at the ~3.0 TB/s an H100 copies at
+        floor = _generation_bytes(model, batch_size) / (out["read_bandwidth_GB_per_s"] * 1e9)
         gbps = _generation_bytes(model, batch_size) / seconds / 1e9
+        plain = _time_generate(model, batch_size, fast=False)[0]
         out[f"ours_b{batch_size}"] = {"seconds": seconds, "GB_per_s": gbps, "bandwidth_floor_s": floor,
-                                      "first_call_seconds": first}
+                                      "first_call_seconds": first, "plain_seconds": plain}
         print(f"ours: {batch_size} image(s) in {seconds:.3f}s, {gbps:.0f} GB/s (memory floor {floor:.2f}s); "
-              f"a first call, capturing the steps: {first:.3f}s", flush=True)
+              f"a new engine's first call, capturing the steps: {first:.3f}s; the plain path: {plain:.3f}s",
+              flush=True)
     del model
     for batch_size in (64, 1):
         seconds = _hf_generate_seconds(batch_size)

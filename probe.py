@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from engine import fuse_mlp
 from igpt import IGPT
 from common import default_device
 from quantize import load_tokens
@@ -69,8 +70,8 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
     `layers`, all from one forward pass per batch: float32 [N, len(layers), n_embd] on the CPU.
 
     The model is moved to `device` (default: CUDA when there is one) and, on CUDA, cast to bf16 in place: weights
-    and residual stream in bf16 move half the bytes of autocast's float32 ones, and the MLP then runs its fused
-    product (igpt.linear_gelu); the features differ from float32's by 5e-3 (relative), as autocast's do. The CPU
+    and residual stream in bf16 move half the bytes of autocast's float32 ones, and the MLP runs its fused
+    product (engine.fuse_mlp); the features differ from float32's by 5e-3 (relative), as autocast's do. The CPU
     stays in float32. compile: torch.compile the whole feature pass, so each block's residual add fuses with the
     next block's norm and with the pooling (the last batch is padded to full size so no shape recompiles).
     progress: a label to print progress (images/s) under."""
@@ -83,6 +84,8 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
                          f"0..{c.n_vocab - 1}: were the data quantized with this model's palette?")
     device = torch.device(device or default_device())
     model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    if device.type == "cuda":
+        fuse_mlp(model)
     features = torch.compile(model.features) if compile else model.features
     out = torch.empty(len(X), len(layers), c.n_embd)
     copies = _HostCopies(out, (batch_size, len(layers), c.n_embd)) if device.type == "cuda" else None

@@ -7,7 +7,7 @@ Sample images from an iGPT checkpoint into a PNG grid (and the raw tokens as .np
 
 An unconditional grid is samples in rows; a completion grid has a row per primed image: the kept top rows, then
 the completions, then the original. Generation uses a static KV cache and, on a GPU, a compiled one-token step
-replayed as a CUDA graph (igpt.generate). The same --seed gives the same images on the same device.
+replayed as a CUDA graph (engine.Engine). The same --seed gives the same images on the same device.
 """
 import argparse
 import math
@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from igpt import IGPT, generate
+from engine import Engine
+from igpt import IGPT
 from common import default_device
 from quantize import decode, encode, load_images, load_palette, save_grid
 
@@ -98,6 +99,7 @@ def main(argv=None):
         per_image, prime, total = None, None, args.num_samples or 16
 
     print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, compiled step: {compile_step})")
+    sampler = Engine(model, compile=compile_step)  # the fused step on a GPU; its graphs serve every batch
     t0 = time.time()
     chunks = []
     for start in range(0, total, args.batch_size):
@@ -109,10 +111,9 @@ def main(argv=None):
                                  f"{time.time() - t0:.1f}s")
                 sys.stderr.flush()
 
-        chunks.append(generate(model, num_samples=n, prime=None if prime is None else prime[start:start + n],
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               generator=generator, compile=compile_step,
-                               progress=progress).cpu())
+        chunks.append(sampler.generate(num_samples=n, prime=None if prime is None else prime[start:start + n],
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       generator=generator, progress=progress).cpu())
     sys.stderr.write("\n")
     tokens = torch.cat(chunks).numpy().astype(np.uint16)
     elapsed = time.time() - t0

@@ -21,3 +21,4 @@ def tiny_model(seed=0, **overrides):
 
 def tokens(batch=3, seed=1, n_px=4, n_vocab=16):
     return torch.randint(0, n_vocab, (batch, n_px * n_px), generator=torch.Generator().manual_seed(seed))
+
