@@ -10,22 +10,20 @@ first product, for 16-bit inference over whole sequences (probe features).
     del engine                                     # frees the KV cache, the buffers and the graphs
     Engine(model, fast=False).generate(...)        # igpt.generate, the plain reference, through the same door
 
-igpt.generate is the reference: given generators in the same state, both paths draw the same tokens (to the last
-bits of the logits: the fused kernels sum in another order).
+igpt.generate is the reference: given generators in the same state, both paths draw the same tokens, except where
+the last bits of the logits, which the fused kernels sum in another order, tip a near tie.
 
 A step. It embeds the previous token (sos at position 0), runs each block as five kernels and the head as one,
 draws a token with the noise drawn for that position up front, writes it in place and advances the position, all
-on the device. With nothing coming from the host, one CUDA graph of the step serves every position. For batches of
-32-64 rows of iGPT-S's width, the last third of the positions replays a second graph, the step in halves: two
-chains of half the batch each, on two streams, so one half's products run while the other half's attention reads
-the cache (_halves_from).
+on the device. With nothing coming from the host, one CUDA graph of the step serves every position.
 
 What the engine keeps. A graph replays fixed addresses, so the KV cache, the token and noise buffers and the graphs
 stay in the engine for its next call with the same batch size and settings, which skips the capture; other settings,
 or weights replaced rather than updated in place, build them anew. Nothing stays with the model.
 """
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -42,69 +40,36 @@ def fused_step_runs(model) -> bool:
 
 # ---- the decode step in fused kernels ----
 
-def fused_decode_block(block, cache, x, x_gained, x_sq, next_gain, input_pos, rows=slice(None)):
+def fused_decode_block(block, cache, x, x_gained, x_sq, next_gain, input_pos):
     """One block's step in five kernels: x [B, n_embd] is the residual stream of the new tokens, x_gained and x_sq
-    the norm_parts that ln_1 reads of it; rows `rows` of the cache receive the new keys and values at input_pos.
+    the norm_parts that ln_1 reads of it; the cache receives the new keys and values at input_pos.
     Returns the new residual stream with the parts that the next norm, of gain next_gain, reads of it."""
     B, C = x.shape
     attn = block.attn
     qkv = kernels.fused_linear(x_gained, attn.c_attn.weight, x_sq, None, False, block.ln_1.eps)
     q, k, v = qkv.view(B, 3, attn.n_head, C // attn.n_head).unbind(1)  # each [B, n_head, head_dim]
-    y = kernels.decode_attention(q, k, v, cache.k[rows], cache.v[rows], input_pos).view(B, C)
+    y = kernels.decode_attention(q, k, v, cache.k, cache.v, input_pos).view(B, C)
     x, x_gained, x_sq = kernels.residual_linear(y, attn.c_proj.weight, x, block.ln_2.g)
     h = kernels.fused_linear(x_gained, block.mlp.c_fc.weight, x_sq, None, True, block.ln_2.eps)
     return kernels.residual_linear(h, block.mlp.c_proj.weight, x, next_gain)
 
 
-def fused_decode(model, caches, x, input_pos, rows=slice(None)):
+def fused_decode(model, caches, x, input_pos):
     """The blocks and the head for the inputs x [B, n_embd] at position input_pos: logits [B, n_vocab] in the
-    model's dtype. Keys and values go to rows `rows` of the caches (one KVCache a block)."""
+    model's dtype. Keys and values go to the caches, one KVCache a block."""
     x_gained, x_sq = kernels.norm_parts(x, model.h[0].ln_1.g)
     next_norms = [block.ln_1 for block in model.h[1:]] + [model.ln_f]
     for block, cache, next_norm in zip(model.h, caches, next_norms):
-        x, x_gained, x_sq = fused_decode_block(block, cache, x, x_gained, x_sq, next_norm.g, input_pos, rows)
+        x, x_gained, x_sq = fused_decode_block(block, cache, x, x_gained, x_sq, next_norm.g, input_pos)
     return kernels.fused_linear(x_gained, model.wtet.weight, x_sq, None, False, model.ln_f.eps)
 
 
-_side_streams = {}  # device -> the stream of fused_decode_halves' second half
-
-
-@torch.compiler.disable  # torch.compile does not trace streams: a compiled step calls this between its own kernels
-def fused_decode_halves(model, caches, x, input_pos):
-    """fused_decode as two chains of half the batch each, the second on a stream of its own (on the CPU, one after
-    the other). One chain's kernels run one after another, so at late positions the memory idles during the
-    products while attention waits for them; with two chains one half's products run beside the other half's
-    attention. It costs the second chain's kernels, so it pays only where attention reads much of the cache."""
-    first, second = slice(0, x.size(0) // 2), slice(x.size(0) // 2, None)
-    run = lambda rows: fused_decode(model, caches, x[rows], input_pos, rows)
-    if not x.is_cuda:
-        return torch.cat([run(first), run(second)])
-    main = torch.cuda.current_stream(x.device)
-    side = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        second_logits = run(second)
-    first_logits = run(first)
-    main.wait_stream(side)
-    second_logits.record_stream(main)  # made on the side stream, read on this one
-    return torch.cat([first_logits, second_logits])
-
-
-def _halves_from(model, batch_size):
-    """The first position whose step runs in halves, block_size for none: the last third of the positions for even
-    batches of 32-64 rows up to 512 wide, where the halves were measured to pay (docs/2026-11-25-sampling.md)."""
-    c = model.config
-    if c.n_embd > 512 or batch_size % 2 or not 32 <= batch_size <= 64:
-        return c.block_size
-    return c.block_size * 2 // 3
-
-
-def _sample_step(model, caches, tokens, noise, pos, temperature, top_k, top_p, halves):
+def _sample_step(model, caches, tokens, noise, pos, temperature, top_k, top_p):
     # One token for every sequence, in place and on the device: tokens[:, pos] is drawn from the logits after
     # tokens[:, pos - 1] (sos at pos 0) with the noise noise[pos], then pos moves on. Nothing comes from the host,
     # so a CUDA graph of this step is replayed unchanged for every position.
     x = model.embed_next(tokens.index_select(1, (pos - 1).clamp(min=0))[:, 0], pos)[:, 0]
-    logits = fused_decode_halves(model, caches, x, pos) if halves else fused_decode(model, caches, x, pos)
+    logits = fused_decode(model, caches, x, pos)
     drawn = sample_from_logits(logits, noise.index_select(0, pos)[0], temperature, top_k, top_p)
     tokens.index_copy_(1, pos, drawn[:, None])
     pos += 1
@@ -116,11 +81,7 @@ _compiled_step = None
 def _compiled_sample_step():
     global _compiled_step
     if _compiled_step is None:  # one compile per process: the embedding, norms and the draw fuse into few kernels
-        # The step in halves breaks the graph at fused_decode_halves. Where torch has nested graph breaks, the
-        # parts before and after it stay two graphs instead of being split further.
-        _compiled_step = torch.compile(_sample_step, dynamic=False)
-        if hasattr(torch._dynamo.config, "nested_graph_breaks"):
-            _compiled_step = torch._dynamo.config.patch(nested_graph_breaks=True)(_compiled_step)
+        _compiled_step = torch.compile(_sample_step, dynamic=False, fullgraph=True)
     return _compiled_step
 
 
@@ -164,7 +125,7 @@ class _Buffers:
     tokens: torch.Tensor  # [B, T]: the prime, then each drawn token
     noise: torch.Tensor   # [T, B, n_vocab]: row i draws position i
     pos: torch.Tensor     # [1]: the position the next step draws
-    steps: dict = field(default_factory=dict)  # halves (bool) -> the step, a captured graph's replay on a GPU
+    step: Optional[Callable] = None  # the step, a captured graph's replay on a GPU
 
 
 class Engine:
@@ -204,15 +165,12 @@ class Engine:
         if P > 0:  # positions 0..P-1 into the cache (the logits returned, of x_{P-1}, are the prime's to give)
             with _lent(model, s.caches):
                 model.prefill(prime[:, :P - 1])
-        step_fn = _compiled_sample_step() if self.compile else _sample_step
-        halves_from = _halves_from(model, B)
+        if s.step is None:
+            step_fn = _compiled_sample_step() if self.compile else _sample_step
+            step = lambda: step_fn(model, s.caches, s.tokens, s.noise, s.pos, temperature, top_k, top_p)
+            s.step = _cuda_graph(step, s.pos) if s.pos.is_cuda else step
         for i in range(P, T):
-            halves = i >= halves_from
-            if halves not in s.steps:
-                step = lambda h=halves: step_fn(model, s.caches, s.tokens, s.noise, s.pos, temperature, top_k,
-                                                top_p, h)
-                s.steps[halves] = _cuda_graph(step, s.pos) if s.pos.is_cuda else step
-            s.steps[halves]()
+            s.step()
             if progress is not None:
                 progress(i + 1, T)
         return s.tokens.clone()

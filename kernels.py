@@ -52,7 +52,6 @@ DECODE_FIRST_BLOCK = 16  # positions of its first block, read before the wait fo
 DECODE_AHEAD = 32        # positions after the first block asked for in L2 before the wait (Hopper)
 DECODE_TILE = 8192       # at most this many elements of k (and of v) per iteration, so wider heads keep registers
 DECODE_PROGRAMS = 512    # split a layer's attention over the positions until it has about this many programs
-WEIGHTS_TO_L2 = True     # the thin products ask for their weights in L2 before the wait (Hopper)
 DECODE_WARPS = 2         # twice as many for heads padded to a power of 2, as iGPT-L's 96
 LINEAR_GELU_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, num_warps=8, num_stages=3)
 # the thin products' tiles depend on the shape: linear_config below
@@ -82,13 +81,13 @@ if triton is not None:
     def _fused_linear(x_ptr, w_ptr, sq_ptr, res_ptr, gain_ptr, out_ptr, out_gained_ptr, out_sq_ptr, M, N, K, n_parts,
                       eps, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr,
                       PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      LINE: tl.constexpr, WEIGHTS_TO_L2: tl.constexpr, PDL: tl.constexpr):
+                      LINE: tl.constexpr, PDL: tl.constexpr):
         # out[m, n] = act(sum_k x[m, k] w[n, k] * r[m]) (+ res[m, n]), w nn.Linear's [N, K], N and K multiples of the
         # blocks. NORM: x is the normed input's x * g, and r[m] = rsqrt(sum_p sq[m, p] / K + eps) from the partial
         # sums of squares of its row (else r = 1), so the loop only loads and multiplies. NEXT_NORM: also write what
         # the next norm reads: out * gain and this tile's sums of squares of out's rows.
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PDL and WEIGHTS_TO_L2 and tl.program_id(0) == 0:
+        if PDL and tl.program_id(0) == 0:
             # the weights do not depend on the kernel before: while it finishes, the first tile of rows asks for its
             # columns of them in L2 (LINE elements a line), where every tile's loop below finds them
             for k0 in range(0, K, BLOCK_K):
@@ -174,7 +173,7 @@ if triton is not None:
         first_ptrs = (bh * max_len + first[:, None]) * HEAD_DIM + d[None, :]
         k_first = tl.load(k_ptr + first_ptrs, mask=first_valid[:, None] & in_head[None, :], other=0.0)
         v_first = tl.load(v_ptr + first_ptrs, mask=first_valid[:, None] & in_head[None, :], other=0.0)
-        if PDL and AHEAD > 0:
+        if PDL:
             # the loop's first positions are asked for in L2 as well (LINE elements a 128-byte line), so the HBM
             # works while the product before finishes
             ahead = start + FIRST_BLOCK + tl.arange(0, AHEAD)
@@ -292,8 +291,7 @@ def _launch_linear(x, weight, row_sq, residual, next_gain, gelu, eps):
         next_gain, out, gained, out_sq, M, N, K, 1 if row_sq is None else row_sq.size(1), eps,
         NORM=row_sq is not None, GELU=gelu, RESIDUAL=residual is not None, NEXT_NORM=next_gain is not None,
         PARTS=1 if row_sq is None else triton.next_power_of_2(row_sq.size(1)),
-        LINE=min(config["BLOCK_K"], 128 // weight.element_size()), WEIGHTS_TO_L2=WEIGHTS_TO_L2, **_pdl(x.device),
-        **config)
+        LINE=min(config["BLOCK_K"], 128 // weight.element_size()), **_pdl(x.device), **config)
     return out, gained, out_sq
 
 

@@ -30,25 +30,6 @@ def test_the_fused_step_logits_equal_the_full_forward(kernel_device, monkeypatch
     torch.testing.assert_close(torch.stack(got, 1), model(x)[0], **tolerance)
 
 
-def test_the_step_in_halves_computes_what_one_chain_computes(kernel_device):
-    """Each half's chain writes its own rows of the caches and computes its rows' logits."""
-    model, x = tiny_model().to(kernel_device), tokens(batch=4).to(kernel_device)
-    logits, caches = {}, {}
-    for halves in (False, True):
-        caches[halves] = [igpt.KVCache(4, 4, 16, 8, torch.float32, kernel_device) for _ in model.h]
-        steps = []
-        for i in range(16):
-            pos = torch.tensor([i], device=kernel_device)
-            h = model.embed_next(x[:, max(i - 1, 0)], pos)[:, 0]
-            decode = engine.fused_decode_halves if halves else engine.fused_decode
-            steps.append(decode(model, caches[halves], h, pos))
-        logits[halves] = torch.stack(steps, 1)
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
-    for one, two in zip(caches[False], caches[True]):
-        torch.testing.assert_close(two.k, one.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(two.v, one.v, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("prime_len", [0, 5])
 def test_the_engine_draws_the_tokens_of_the_plain_generate(kernel_device, prime_len):
     model = tiny_model().to(kernel_device)
@@ -113,13 +94,6 @@ def test_asking_for_the_fused_step_where_it_cannot_run_says_why():
         Engine(tiny_model(n_embd=40, n_head=4), fast=True)
 
 
-@pytest.mark.parametrize("batch, n_embd, halves", [(64, 512, True), (32, 256, True), (16, 512, False),
-                                                    (63, 512, False), (128, 512, False), (64, 1024, False)])
-def test_late_steps_of_batches_of_32_to_64_narrow_rows_run_in_halves(batch, n_embd, halves):
-    model = igpt.IGPT(igpt.IGPTConfig(n_px=6, n_vocab=16, n_embd=n_embd, n_head=8, n_layer=1))
-    assert engine._halves_from(model, batch) == (24 if halves else 36)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("prime_len", [0, 5])
 def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkeypatch):
@@ -131,17 +105,6 @@ def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkey
     monkeypatch.setattr(engine, "_cuda_graph", lambda step, pos: step)
     eager = fast_engine(model, "cuda").generate(prime=prime, generator=seeded("cuda", 0))
     assert torch.equal(graphed, eager) and torch.equal(graphed[:, :prime_len], prime)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_generation_in_halves_draws_the_tokens_of_one_chain(monkeypatch):
-    """The step in halves (two streams, a CUDA graph of its own) from the middle of the image on."""
-    model = tiny_model().cuda()
-    one = fast_engine(model, "cuda").generate(num_samples=4, generator=seeded("cuda", 0))
-    monkeypatch.setattr(engine, "_halves_from", lambda model, batch_size: 7)
-    halves = fast_engine(model, "cuda")
-    assert torch.equal(halves.generate(num_samples=4, generator=seeded("cuda", 0)), one)
-    assert set(halves._buffers.steps) == {False, True}
 
 
 def test_fused_mlp_keeps_the_state_dict_and_computes_the_mlp():
@@ -159,4 +122,5 @@ def test_fused_mlp_in_bf16_on_the_gpu_is_the_mlp_within_bf16_rounding():
     mlp = tiny_model().h[0].mlp.cuda().bfloat16()
     x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        torch.testing.assert_close(FusedMLP(mlp)(x).float(), mlp(x).float(), rtol=3e-2, atol=3e-2)
+        fused, plain = FusedMLP(mlp)(x).double(), mlp(x).double()
+    assert ((fused - plain).norm() / plain.norm()).item() < 1e-2  # bf16 rounding, in another order
