@@ -1,11 +1,12 @@
 """
 Benchmarks. Each is a function registered with @benchmark; run them on a GPU:
 
-    python bench.py train sample          # some
-    python bench.py all --out results.json
+    python bench.py train sample               # some
+    python bench.py all --out results          # every one, each kept as results/NAME_DEVICE.json
 
-Every benchmark prints a short table and returns a dict of its figures; --out collects them as JSON.
-Timings are wall-clock with the GPU synchronised around each run, after warm-up; medians are reported.
+Every benchmark prints its figures and returns them as a dict; with --out each lands in OUT/NAME_DEVICE.json
+(e.g. results/sample_h200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
+each run, after warm-up; medians are reported.
 """
 import argparse
 import copy
@@ -51,6 +52,13 @@ def relative_error(x, ref):
 
 def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def device_slug():
+    """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), or cpu."""
+    import re
+    found = re.search(r"\b([A-Za-z]+\d+\w*)\b", device_name().replace("NVIDIA", ""))
+    return found.group(1).lower() if found and torch.cuda.is_available() else "cpu"
 
 
 @benchmark
@@ -452,19 +460,19 @@ def crc32c():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all")
-    parser.add_argument("--out", default=None, help="write all figures to this JSON file")
+    parser.add_argument("--out", default="", help="folder for NAME_DEVICE.json, one a benchmark (default: '', none)")
     args = parser.parse_args()
     names = list(BENCHMARKS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    results = {"device": device_name(), "torch": torch.__version__}
     for name in names:
-        print(f"== {name} on {results['device']}", flush=True)
-        results[name] = BENCHMARKS[name]()
+        print(f"== {name} on {device_name()}", flush=True)
+        figures = {"device": device_name(), "torch": torch.__version__, name: BENCHMARKS[name]()}
         if args.out:  # after each, so a run cut short keeps what it measured
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"{name}_{device_slug()}.json"), "w") as f:
+                json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":
