@@ -57,8 +57,11 @@ def device_name():
 def device_slug():
     """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), or cpu."""
     import re
-    found = re.search(r"\b([A-Za-z]+\d+\w*)\b", device_name().replace("NVIDIA", ""))
-    return found.group(1).lower() if found and torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = device_name().replace("NVIDIA", "")
+    found = re.search(r"\b([A-Za-z]+\d+\w*)\b", name)
+    return found.group(1).lower() if found else re.sub(r"\W+", "-", name.strip()).lower()
 
 
 @benchmark
