@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from igpt import IGPT
 from common import default_device
-from quantize import load_tokens
+from data import load_tokens
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"

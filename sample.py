@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from igpt import IGPT, generate
-from common import default_device
-from quantize import decode, encode, load_images, load_palette, save_grid
+from common import default_device, save_grid
+from data import load_images
+from palette import decode, encode, load_palette
 
 
 def parse_args(argv=None):
