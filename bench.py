@@ -105,7 +105,7 @@ def precision():
             "max_error_cached_fp32": max_cached}
 
 
-# ---- quantize.py: palette fit and encoding ----
+# ---- palette.py: palette fit and encoding ----
 
 QUANTIZE_IMAGES = {}  # decoded once for both benchmarks
 
@@ -118,7 +118,7 @@ def cifar_images():
 
     import numpy as np
 
-    from quantize import load_images, make_shapes
+    from data import load_images, make_shapes
     if "images" not in QUANTIZE_IMAGES:
         path = os.environ.get("IGPT_CIFAR_ZIP", "data/cifar10-jpeg.zip")
         count = int(os.environ.get("IGPT_BENCH_IMAGES", 60000))
@@ -142,7 +142,7 @@ def kmeans():
     import numpy as np
     from sklearn.cluster import MiniBatchKMeans
 
-    from quantize import fit_palette, palette_mse
+    from palette import fit_palette, palette_mse
     images = cifar_images()
     pixels = images.reshape(-1, 3)
     distinct = np.count_nonzero(np.bincount(pixels.astype(np.int32) @ np.array([65536, 256, 1], np.int32),
@@ -167,7 +167,7 @@ def kmeans():
 @benchmark
 def encode():
     """Encode every image with a 512-colour palette (fitted on the first 5,000 images), timed."""
-    from quantize import encode as encode_images, fit_palette
+    from palette import encode as encode_images, fit_palette
     images = cifar_images()
     palette = fit_palette(images[:5000], 512, progress=False)
     seconds = timeit(lambda: encode_images(images, palette), warmup=1, repeat=5)
@@ -447,13 +447,13 @@ def sample_throughput():
     return out
 
 
-# ---- convert.py: crc32c, which checks every tensor read from a TF checkpoint ----
+# ---- tf_checkpoint.py: crc32c, which checks every tensor read from a TF checkpoint ----
 
 @benchmark
 def crc32c():
-    """Throughput of convert.py's NumPy crc32c on 256 MB (CPU-bound: it measures the host, not the GPU)."""
+    """Throughput of tf_checkpoint.py's NumPy crc32c on 256 MB (CPU-bound: it measures the host, not the GPU)."""
     import numpy as np
-    from convert import crc32c as crc
+    from tf_checkpoint import crc32c as crc
     data = np.random.default_rng(0).integers(0, 256, 256 << 20, dtype=np.uint8)
     mb_s = data.nbytes / 1e6 / timeit(lambda: crc(data), warmup=1, repeat=3)
     print(f"crc32c: {mb_s:.0f} MB/s", flush=True)

@@ -1,11 +1,14 @@
 """
-The few helpers every script shares: logging to stderr, choosing the device, writing files atomically.
+The few helpers every script shares: logging to stderr, choosing the device, writing files atomically,
+saving image grids as PNG.
 """
 import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def log(msg, end="\n"):
@@ -33,3 +36,19 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_grid(images, path, pad=2, scale=1):
+    """uint8 images [rows, cols, H, W, 3] (or [N, H, W, 3], one row) -> one PNG, white between and around them,
+    each pixel drawn `scale` times as wide and high."""
+    images = np.asarray(images, np.uint8)
+    if images.ndim == 4:
+        images = images[None]
+    if images.ndim != 5 or images.shape[-1] != 3:
+        raise ValueError(f"save_grid expects images [rows, cols, H, W, 3], got {list(images.shape)}")
+    images = images.repeat(scale, 2).repeat(scale, 3)
+    rows, cols, h, w, _ = images.shape
+    tiles = np.pad(images, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)), constant_values=255)
+    grid = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * (h + pad), cols * (w + pad), 3)
+    grid = np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))

@@ -28,7 +28,7 @@ from common import atomic_write
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
-    # 16x16 coloured shapes drawn on the fly (quantize.make_shapes): no download, a few minutes on two CPU cores.
+    # 16x16 coloured shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores.
     "shapes": {
         "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "16"],
         "train": ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--batch_size", "32",

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from engine import fuse_mlp
 from igpt import IGPT
 from common import default_device
-from quantize import load_tokens
+from data import load_tokens
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"

@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
+from common import default_device, save_grid
+from data import load_images
 from engine import Engine
 from igpt import IGPT
-from common import default_device
-from quantize import decode, encode, load_images, load_palette, save_grid
+from palette import decode, encode, load_palette
 
 
 def parse_args(argv=None):

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from igpt import IGPT, PRESETS, IGPTConfig, load_checkpoint, save_checkpoint
-from quantize import find_palette, load_palette, load_tokens
+from data import load_tokens
+from palette import find_palette, load_palette
 
 
 @dataclass

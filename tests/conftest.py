@@ -1,10 +1,18 @@
-"""Where the GPU kernels' tests run: on the GPU when there is one, else in Triton's CPU interpreter, which has to
-be chosen before kernels.py is imported (Triton reads TRITON_INTERPRET when it decorates a kernel)."""
+"""Fixtures shared by several test files, and where the GPU kernels' tests run: on the GPU when there is one,
+else in Triton's CPU interpreter, which has to be chosen before kernels.py is imported (Triton reads
+TRITON_INTERPRET when it decorates a kernel)."""
+import functools
+import hashlib
+import http.server
 import importlib.util
 import os
+import tarfile
+import threading
 
 import pytest
 import torch
+
+from fake_cifar import write_cifar10
 
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,3 +36,24 @@ def kernel_device():
         import triton
         pytest.skip(f"Triton {triton.__version__} cannot run the kernels on {device}: {str(e).splitlines()[0]}")
     return device
+
+
+@pytest.fixture
+def cifar_server(tmp_path):
+    """A local HTTP server holding a tiny cifar-10-python.tar.gz in the official layout; yields (url, md5)."""
+    write_cifar10(tmp_path / "src" / "cifar-10-batches-py")
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", "cifar-10-batches-py")
+    md5 = hashlib.md5((served / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz", md5
+    server.shutdown()
+    server.server_close()

@@ -1,4 +1,5 @@
-"""Write the TensorFlow fixtures that tests/test_convert.py reads without TensorFlow. Not run by CI; regenerate with
+"""Write the TensorFlow fixtures that tests/test_tf_checkpoint.py and tests/test_convert.py read without TensorFlow
+(through tests/tf_fixtures.py). Not run by CI; regenerate with
 
     python3 -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu numpy    # was: tensorflow-cpu 2.21.0
     TF_ENABLE_ONEDNN_OPTS=0 /tmp/tfenv/bin/python tests/make_tf_fixture.py

@@ -8,7 +8,7 @@ import torch
 
 import pipeline
 from igpt import IGPT
-from quantize import load_tokens
+from data import load_tokens
 
 TINY = {
     "quantize": ["shapes", "--test", "shapes", "--num_images", "60", "--n_px", "4", "--k", "8"],

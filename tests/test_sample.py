@@ -6,7 +6,7 @@ from PIL import Image
 
 import sample
 from igpt import generate, save_checkpoint
-from quantize import decode
+from palette import decode
 from tiny import tiny_model
 
 N_PX, N_VOCAB, SCALE, PAD = 4, 16, 2, 2

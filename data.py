@@ -1,0 +1,429 @@
+"""
+Reading the data: every kind of image dataset, the CIFAR download, the built-in shapes dataset, and the token files
+in the original release's naming.
+
+load_images(SOURCE, n_px) returns (uint8 images [N, n_px, n_px, 3], int64 labels [N] or None when unlabelled,
+class names). A SOURCE is PATH[:SPLIT], SPLIT naming a part of it:
+  - a folder with one sub-folder per class (labels from the sorted folder names), or of images without classes;
+  - the same inside a .zip; data.zip:train reads the zip's train/ folder;
+  - CIFAR-10/100's python pickles: a cifar-10-batches-py or cifar-100-python folder (download_cifar fetches the
+    official archive and checks its md5); SPLIT is train or test;
+  - downsampled ImageNet .npz batches (`data` [N, 3*n*n] channel-first, `labels` 1-based);
+  - a uint8 .npy [N, H, W, 3] (no labels), or a single image file.
+make_shapes draws the built-in procedural dataset instead: ten shapes (SHAPES), balanced, with no download.
+
+Every image becomes RGB n_px x n_px by to_rgb: 16-bit greyscale scaled to 8 bits, transparency composited onto
+white, the centre square cropped, then averaged down to n_px over boxes (enlarged bicubically when smaller).
+
+Token files are the original release's: {prefix}_{split}X.npy holds the tokens (integer [N, n_px*n_px]; ours are
+uint16) and {prefix}_{split}Y.npy the labels (one-hot in the original, int64 in ours), for split tr, va or te
+(SPLITS), e.g. cifar10_trX.npy. load_tokens reads ours and the original's alike; holdout draws the seeded
+validation split that va holds.
+"""
+import contextlib
+import hashlib
+import io
+import math
+import multiprocessing
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from common import atomic_write, log
+
+CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python"),
+}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "plus", "stripes_h", "stripes_v", "checker")
+SPLITS = ("tr", "va", "te")
+
+
+# ---- images: any mode and size to RGB n_px x n_px; the dataset readers ----
+
+def to_rgb(image, n_px):
+    """Any PIL image -> uint8 [n_px, n_px, 3]. 16-bit greyscale (I;16, I) is scaled by 1/257 and rounded;
+    transparency (RGBA, LA, P with a transparent colour) is composited onto white, round(a*c + (1 - a)*255);
+    other modes are converted by PIL. Then the centre square is cropped (the odd pixel going to the right or the
+    bottom) and averaged down to n_px: PIL's reduce() by the whole factor f (each pixel the mean of an f x f
+    block), then Image.BOX for a fractional rest. A square smaller than n_px is enlarged bicubically."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = Image.fromarray(np.rint(np.clip(np.asarray(image, np.float64), 0, 65535) / 257).astype(np.uint8))
+    if image.has_transparency_data:
+        a = np.asarray(image.convert("RGBA"), np.uint32)
+        alpha = a[..., 3:]
+        image = Image.fromarray(((a[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
+    image = image.convert("RGB")
+    w, h = image.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return np.asarray(image.resize((n_px, n_px), Image.BOX if s >= n_px else Image.BICUBIC, box=box, reducing_gap=1))
+
+
+def _read_files(task):
+    """Decode a chunk of image files (paths, or members of a zip): (images, ["name (error)" for each failure])."""
+    zip_path, names, n_px = task
+    out = np.zeros((len(names), n_px, n_px, 3), np.uint8)
+    bad = []
+    with zipfile.ZipFile(zip_path) if zip_path else contextlib.nullcontext() as zf:
+        for i, name in enumerate(names):
+            try:
+                with Image.open(io.BytesIO(zf.read(name)) if zf else name) as image:
+                    out[i] = to_rgb(ImageOps.exif_transpose(image), n_px)
+            except Exception as e:
+                bad.append(f"{name} ({e})")
+    return out, bad
+
+
+def _decode_files(names, n_px, zip_path=None, workers=None, progress=True):
+    """Decode image files into uint8 [N, n_px, n_px, 3], with a pool of processes when there are many. Every file
+    that fails is named in one error at the end."""
+    workers = workers or os.cpu_count() or 1
+    size = max(100, math.ceil(len(names) / (4 * workers)))
+    tasks = [(zip_path, names[i:i + size], n_px) for i in range(0, len(names), size)]
+    with multiprocessing.Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else \
+            contextlib.nullcontext() as pool:
+        images, bad, done = [], [], 0
+        for chunk, failed in (pool.imap(_read_files, tasks) if pool else map(_read_files, tasks)):
+            images.append(chunk)
+            bad += failed
+            done += len(chunk)
+            if progress:
+                log(f"\rreading images: {done}/{len(names)}", end="" if done < len(names) else "\n")
+    if bad:
+        raise ValueError(f"{len(bad)} unreadable image(s) in {zip_path or 'the source'}: "
+                         + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    return np.concatenate(images) if images else np.zeros((0, n_px, n_px, 3), np.uint8)
+
+
+def _layout(paths, where):
+    """Labels from relative image paths: sorted class names from their first folder, or no labels when every
+    image lies at the top. Returns (paths in order, labels or None, class names)."""
+    top = sorted(p for p in paths if "/" not in p)
+    nested = sorted(p for p in paths if "/" in p)
+    if not paths:
+        raise ValueError(f"no images found in {where} (looked for {', '.join(IMAGE_EXTS)})")
+    if top and nested:
+        raise ValueError(f"{where} mixes images at the top ({top[0]!r}) with class folders ({nested[0]!r}): "
+                         "put every image in a class folder, or none")
+    if top:
+        return top, None, []
+    classes = sorted({p.split("/")[0] for p in nested})
+    index = {c: i for i, c in enumerate(classes)}
+    return nested, np.array([index[p.split("/")[0]] for p in nested], np.int64), classes
+
+
+def _is_image(rel):
+    parts = rel.split("/")
+    return rel.lower().endswith(IMAGE_EXTS) and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _read_folder(folder, n_px, workers, progress):
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(root, folder).replace(os.sep, "/")
+        paths += [f if rel == "." else f"{rel}/{f}" for f in files if _is_image(f)]
+    paths, labels, classes = _layout(paths, folder)
+    images = _decode_files([os.path.join(folder, p) for p in paths], n_px, None, workers, progress)
+    return images, labels, classes
+
+
+def _read_zip(path, split, n_px, workers, progress):
+    prefix = split.strip("/") + "/" if split else ""
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+    members = [n for n in names if n.startswith(prefix) and _is_image(n)]
+    if not members and split:
+        tops = sorted({n.split("/")[0] + "/" for n in names if "/" in n and _is_image(n)})
+        raise ValueError(f"no images under {prefix!r} in {path}; its top-level folders: {tops}")
+    rel, labels, classes = _layout([n[len(prefix):] for n in members], f"{path}:{split}" if split else path)
+    images = _decode_files([prefix + r for r in rel], n_px, path, workers, progress)
+    return images, labels, classes
+
+
+def _resized(images, n_px):
+    """Arrays of other sizes go through to_rgb, image by image, like files do."""
+    if images.shape[1:3] == (n_px, n_px):
+        return np.ascontiguousarray(images)
+    return np.stack([to_rgb(Image.fromarray(im), n_px) for im in images]) if len(images) else \
+        np.zeros((0, n_px, n_px, 3), np.uint8)
+
+
+def _checked_labels(labels, n, where):
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if len(labels) != n:
+        raise ValueError(f"{where}: {len(labels)} labels for {n} images")
+    return labels
+
+
+def _read_cifar(folder, split, n_px):
+    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test; fine labels) in the official pickles."""
+    c10 = os.path.isfile(os.path.join(folder, "data_batch_1"))
+    if split not in ("train", "test"):
+        raise ValueError(f"{folder}: a CIFAR split is train or test, not {split!r}")
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if c10 else [split]
+    key, meta, names_key = ((b"labels", "batches.meta", b"label_names") if c10 else
+                            (b"fine_labels", "meta", b"fine_label_names"))
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: not a complete CIFAR folder")
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        images.append(data)
+        labels.append(_checked_labels(batch[key], len(data), path))
+    labels = np.concatenate(labels)
+    classes = [str(i) for i in range(labels.max() + 1)]
+    if os.path.isfile(os.path.join(folder, meta)):
+        with open(os.path.join(folder, meta), "rb") as f:
+            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[names_key]]
+    return _resized(np.concatenate(images), n_px), labels, classes
+
+
+def _read_npz(path, n_px):
+    """Downsampled ImageNet: `data` [N, 3*n*n] uint8 channel-first, `labels` 1-based; class names are those ids."""
+    with np.load(path) as z:
+        if "data" not in z.files:
+            raise ValueError(f"{path}: expected the downsampled-ImageNet keys 'data' and 'labels', got {z.files}")
+        data, labels = z["data"], z["labels"] if "labels" in z.files else None
+    n = math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0
+    if data.dtype != np.uint8 or 3 * n * n != (data.shape[1] if data.ndim == 2 else -1):
+        raise ValueError(f"{path}: 'data' must be uint8 [N, 3*n*n], got {data.dtype} {list(data.shape)}")
+    images = _resized(data.reshape(-1, 3, n, n).transpose(0, 2, 3, 1), n_px)
+    if labels is None:
+        return images, None, []
+    labels = _checked_labels(labels, len(images), path) - 1
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"{path}: labels must be 1-based, as in the downsampled ImageNet release")
+    return images, labels, [str(i + 1) for i in range(labels.max(initial=-1) + 1)]
+
+
+def _read_npy(path, n_px):
+    images = np.load(path, mmap_mode="r")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    return _resized(images, n_px), None, []
+
+
+def split_source(source):
+    """'path:split' -> (path, split); the split only where the part before it exists (so C:\\... still works)."""
+    path, sep, split = source.rpartition(":")
+    return (path, split) if sep and os.path.exists(path) else (source, "")
+
+
+def load_images(source, n_px=32, workers=None, progress=True):
+    """Images of a source (see the module docstring: folder, zip[:split], CIFAR folder[:split], .npz, .npy, or one
+    image file) as (uint8 [N, n_px, n_px, 3], int64 labels [N] or None when unlabelled, class names)."""
+    path, split = split_source(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {path!r}")
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("data_batch_1", "test_batch", "meta")):
+            return _read_cifar(path, split or "train", n_px)
+        return _read_folder(os.path.join(path, split), n_px, workers, progress)
+    if path.endswith((".npz", ".npy")) and split:
+        raise ValueError(f"{source!r}: a :split applies to a folder or a .zip, not to a {path[-4:]} file")
+    if path.endswith(".npz"):
+        return _read_npz(path, n_px)
+    if path.endswith(".npy"):
+        return _read_npy(path, n_px)
+    if zipfile.is_zipfile(path):
+        return _read_zip(path, split, n_px, workers, progress)
+    if split:
+        raise ValueError(f"{source!r}: a :split applies to a folder or a .zip, not to an image file")
+    return _decode_files([path], n_px, progress=False), None, []
+
+
+# ---- downloads ----
+
+def fetch(url, path, chunk=1 << 20, progress=True):
+    """Download url to path. A path that exists is taken as complete and skipped; the bytes arrive in path + '.part'
+    (renamed when complete), and a '.part' left by an interrupted run is resumed with an HTTP Range request.
+    progress: print the MB and MB/s as they arrive."""
+    if os.path.exists(path):
+        log(f"{path} is already here")
+        return path
+    part = path + ".part"
+    start = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and e.headers.get("Content-Range", "").endswith(f"/{start}"):  # the .part is complete
+            os.replace(part, path)
+            return path
+        raise OSError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise OSError(f"could not download {url}: {e.reason}") from e
+    with response:
+        if response.status != 206:
+            start = 0  # the server sent the whole file
+        size = response.headers.get("Content-Length")
+        total = start + int(size) if size is not None else None
+        done, t0, shown = start, time.time(), 0.0
+        with open(part, "ab" if start else "wb") as f:
+            try:
+                while block := response.read(chunk):
+                    f.write(block)
+                    done += len(block)
+                    if progress and (time.time() - shown > 0.5 or done == total):
+                        shown = time.time()
+                        rate = (done - start) / 1e6 / max(shown - t0, 1e-9)
+                        of = f"/{total / 1e6:.1f}" if total else ""
+                        log(f"\r{os.path.basename(path)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s", end="")
+            except OSError as e:
+                raise OSError(f"download of {url} broke off at byte {done} ({e}); run again to resume") from e
+    if progress:
+        log("")
+    if total is not None and done != total:
+        raise OSError(f"download of {url} stopped at byte {done} of {total}; run again to resume")
+    os.replace(part, path)
+    return path
+
+
+def download_cifar(name, root, url=None, md5=None, progress=True):
+    """Fetch the official CIFAR archive into root (unless a good copy is there), check its md5, unpack it, and
+    return the pickle folder. url and md5 override the official ones (for a mirror)."""
+    default_url, default_md5, folder = CIFAR[name]
+    url, md5 = url or default_url, md5 or default_md5
+    target = os.path.join(root, folder)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    archive = os.path.join(root, url.rsplit("/", 1)[-1])
+    if os.path.isfile(archive) and _md5(archive) != md5:
+        os.remove(archive)  # a bad copy from before: fetch it again
+    fetch(url, archive, progress=progress)
+    got = _md5(archive)
+    if got != md5:
+        os.remove(archive)
+        raise ValueError(f"{url}: md5 {got} is not the expected {md5}; the download was corrupt or is not "
+                         "the official archive, and was deleted")
+    unpacked = tempfile.mkdtemp(dir=root, prefix=".unpack-")  # renamed into place whole, never half-written
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="data")
+        if not os.path.isdir(os.path.join(unpacked, folder)):
+            raise ValueError(f"{archive} holds no {folder}/ folder")
+        os.replace(os.path.join(unpacked, folder), target)
+    finally:
+        shutil.rmtree(unpacked)
+    return target
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- the built-in dataset ----
+
+def _shape_mask(kind, x, y, cx, cy, r, period, phase):
+    """Where shape `kind` covers the points (x, y) of the unit square; all arguments broadcast [B, S, S]."""
+    u, v = (x - cx) / r, (y - cy) / r
+    au, av = np.abs(u), np.abs(v)
+    if kind == "circle":
+        return u * u + v * v <= 1
+    if kind == "square":
+        return np.maximum(au, av) <= 0.8
+    if kind == "triangle":  # apex up
+        return (v <= 0.7) & (au <= (v + 0.9) * 0.55)
+    if kind == "diamond":
+        return au + av <= 1
+    if kind == "ring":
+        return (u * u + v * v <= 1) & (u * u + v * v >= 0.36)
+    if kind == "cross":
+        return ((np.abs(u - v) <= 0.3) | (np.abs(u + v) <= 0.3)) & (np.maximum(au, av) <= 0.85)
+    if kind == "plus":
+        return ((au <= 0.25) | (av <= 0.25)) & (np.maximum(au, av) <= 0.95)
+    if kind == "stripes_h":
+        return np.floor(y / period + phase) % 2 == 0
+    if kind == "stripes_v":
+        return np.floor(x / period + phase) % 2 == 0
+    return (np.floor(x / period + phase) + np.floor(y / period + phase)) % 2 == 0  # checker
+
+
+def make_shapes(n, n_px=32, seed=0):
+    """The built-in dataset: n images of one of 10 shapes (SHAPES) in a random colour on a random background, at
+    a random position and size (stripes and checkers: random period and phase over the whole image), rendered
+    with 4x4 supersampling for smooth edges. Classes are balanced. Returns (uint8 [n, n_px, n_px, 3], int64
+    labels [n], class names); the same seed gives the same images."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SHAPES))
+    cx, cy = rng.uniform(0.3, 0.7, (2, n))
+    r = rng.uniform(0.2, 0.38, n)
+    period, phase = rng.uniform(0.1, 0.25, n), rng.uniform(0, 1, n)
+    bg, fg = rng.integers(0, 256, (2, n, 3))
+    close = np.linalg.norm(fg - bg, axis=1) < 120  # keep every shape visible against its background
+    fg[close] = (bg[close] + 128) % 256
+    s = 4
+    g = (np.arange(n_px * s) + 0.5) / (n_px * s)
+    images = np.empty((n, n_px, n_px, 3), np.uint8)
+    for start in range(0, n, 512):
+        b = np.arange(start, min(n, start + 512))
+        cover = np.zeros((len(b), n_px * s, n_px * s))
+        for j, kind in enumerate(SHAPES):
+            m = labels[b] == j
+            p = [a[b][m][:, None, None] for a in (cx, cy, r, period, phase)]
+            cover[m] = _shape_mask(kind, g[None, None, :], g[None, :, None], *p)
+        alpha = cover.reshape(len(b), n_px, s, n_px, s).mean((2, 4))[..., None]
+        images[b] = np.rint(bg[b, None, None] + alpha * (fg[b, None, None] - bg[b, None, None])).astype(np.uint8)
+    return images, labels.astype(np.int64), list(SHAPES)
+
+
+# ---- token files ----
+
+def save_npy(path, array):
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def load_tokens(prefix, split):
+    """Token files {prefix}_{split}X.npy (memory-mapped, integer [N, n_px*n_px]) and {prefix}_{split}Y.npy if it
+    exists (one-hot or integer labels -> int64 [N], else None); split is tr, va or te. Ours and the original
+    release's alike."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    x_path, y_path = f"{prefix}_{split}X.npy", f"{prefix}_{split}Y.npy"
+    if not os.path.isfile(x_path):
+        raise FileNotFoundError(f"no token file {x_path!r}; make it with: python quantize.py SOURCE --out {prefix}"
+                                + (" --test TEST_SOURCE" if split == "te" else ""))
+    x = np.load(x_path, mmap_mode="r")
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{x_path}: tokens must be integers [N, n_px*n_px], got {x.dtype} {list(x.shape)}")
+    if not os.path.isfile(y_path):
+        return x, None
+    y = np.load(y_path)
+    if y.ndim == 2:  # one-hot, as in the original release
+        y = y.argmax(1)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))):
+        raise ValueError(f"{y_path}: labels must be integers [N] or one-hot [N, classes], got {y.dtype} "
+                         f"{list(y.shape)}")
+    if len(y) != len(x):
+        raise ValueError(f"{y_path} has {len(y)} labels but {x_path} has {len(x)} images")
+    return x, y.astype(np.int64)
+
+
+def holdout(n, frac, seed):
+    """The seeded validation hold-out of n training images: (train indices, val indices), each sorted, with
+    round(frac * n) in val."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_va = round(frac * n)
+    return np.sort(perm[n_va:]), np.sort(perm[:n_va])
