@@ -291,7 +291,7 @@ def _train_py_throughput(size, micro_batch_size, batch_size, steps=60):
     with tempfile.TemporaryDirectory() as tmp:
         prefix = _random_token_files(tmp, 4 * batch_size)
         out = os.path.join(tmp, "out")
-        train.main(["--data", prefix, "--out_dir", out, "--model", size, "--batch_size", str(batch_size),
+        train.main(["--data", prefix, "--out", out, "--model", size, "--batch_size", str(batch_size),
                     "--micro_batch_size", str(micro_batch_size), "--max_steps", str(steps), "--warmup_steps", "10",
                     "--log_interval", "10", "--eval_interval", str(10 * steps), "--eval_images", "64"])
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]

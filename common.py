@@ -1,7 +1,13 @@
 """
-The few helpers every script shares: logging to stderr, choosing the device, writing files atomically,
-saving image grids as PNG.
+The few helpers every script shares: logging to stderr, choosing the device, writing files atomically, saving
+image grids as PNG, and the command-line conventions.
+
+Every script spells its options with underscores and lists each with its default in --help; --device is auto
+(the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto
+meaning on a GPU; --ckpt names a checkpoint a script reads; --out is where it writes (a folder for train, sample,
+probe and pipeline; the token files' prefix for quantize; the converted file for convert).
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -19,6 +25,53 @@ def log(msg, end="\n"):
 def default_device():
     """Where work runs when --device is auto: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- the command-line conventions ----
+
+SWITCH = ("auto", "on", "off")  # the choices of --compile and --fast: auto means on a GPU
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the script's docstring as written and every option's default."""
+
+
+def argument_parser(doc):
+    """The parser every script starts from: its docstring above the options, each option with its default."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_device_options(parser, compile_what=None):
+    """--device, and --compile when the script can torch.compile something (compile_what says what)."""
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    if compile_what:
+        parser.add_argument("--compile", default="auto", choices=SWITCH,
+                            help=f"torch.compile {compile_what} (auto: on a GPU)")
+
+
+def resolve_device(name):
+    """A --device value as a torch.device; a GPU that is not there, or a name that is no device, is a ValueError
+    that says what to pass instead."""
+    if name == "auto":
+        return torch.device(default_device())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: PyTorch sees no GPU here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+    return device
+
+
+def switch(value, device):
+    """An auto/on/off choice as a bool: auto is on for a GPU."""
+    if value not in SWITCH:
+        raise ValueError(f"{value!r} is not one of {', '.join(SWITCH)}")
+    return value == "on" or (value == "auto" and torch.device(device).type == "cuda")
 
 
 def atomic_write(path, write):

@@ -11,9 +11,8 @@ optimizer slots and global_step are skipped.
     python convert.py path/to/model.ckpt-1000000 --out igpt_s.pt --palette kmeans_centers.npy   # original TF files
     python convert.py --download s --step 1000000 --dir release --palette                       # fetch, then convert
     python convert.py --hf path/to/imagegpt-small --out igpt_s.pt                               # a local HF folder
-    python convert.py --to_hf igpt_s.pt --out imagegpt-small                                    # ours -> HF folder
+    python convert.py --to_hf --ckpt igpt_s.pt --out imagegpt-small                             # ours -> HF folder
 """
-import argparse
 import importlib
 import json
 import math
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from common import log
+from common import argument_parser, log
 from data import fetch
 from palette import load_palette
 from tf_checkpoint import TFCheckpoint
@@ -221,10 +220,7 @@ def _refuse_overwrite(path, force):
 
 
 def main(argv=None):
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("checkpoint", nargs="?", default=None, help="an original TF checkpoint prefix to convert")
     parser.add_argument("--out", default=None, help="the .pt to write (with --to_hf: the folder); with --download "
                         "it defaults to DIR/igpt-SIZE-STEP.pt")
@@ -241,12 +237,13 @@ def main(argv=None):
                         help="with --download: also fetch this colour-quantised dataset")
     parser.add_argument("--base_url", default=BASE_URL, help="with --download: where the release lives")
     parser.add_argument("--hf", default=None, metavar="FOLDER", help="import a Hugging Face ImageGPT folder")
-    parser.add_argument("--to_hf", default=None, metavar="PT", help="export this checkpoint of ours to a Hugging "
-                        "Face ImageGPT folder --out")
+    parser.add_argument("--to_hf", action="store_true", help="export --ckpt to a Hugging Face ImageGPT folder --out")
+    parser.add_argument("--ckpt", default=None, help="with --to_hf: the checkpoint of ours to export")
     args = parser.parse_args(argv)
-    sources = [x for x in (args.checkpoint, args.download, args.hf, args.to_hf) if x is not None]
-    if len(sources) != 1:
-        parser.error("give exactly one of: a TF checkpoint, --download, --hf, --to_hf")
+    sources = [x for x in (args.checkpoint, args.download, args.hf, args.ckpt if args.to_hf else None)
+               if x is not None]
+    if len(sources) != 1 or (args.ckpt is not None) != args.to_hf:
+        parser.error("give exactly one of: a TF checkpoint, --download, --hf, --to_hf --ckpt PT")
     if args.download and args.out is None:
         args.out = os.path.join(args.dir, f"igpt-{args.download}-{args.step}.pt")
     if args.out is None:
@@ -255,7 +252,7 @@ def main(argv=None):
         parser.error("--palette needs a path unless --download fetches the release's")
 
     if args.to_hf:
-        igpt_to_hf(IGPT.from_checkpoint(args.to_hf), args.out, args.force)
+        igpt_to_hf(IGPT.from_checkpoint(args.ckpt), args.out, args.force)
         log(f"wrote {args.out}")
         return
     _refuse_overwrite(args.out, args.force)  # before hours of downloading

@@ -14,7 +14,6 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
     probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer
     summary.json                                                      every stage's figures and wall time
 """
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import probe
 import quantize
 import sample
 import train
-from common import atomic_write
+from common import add_device_options, argument_parser, atomic_write
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
@@ -61,10 +60,10 @@ def stage_args(recipe, stage, out, source, force, device):
     data, ckpt = os.path.join(out, "data", recipe), os.path.join(out, "train", "ckpt.pt")
     paths = {
         "quantize": ["--out", data],
-        "train": ["--data", data, "--out_dir", os.path.join(out, "train")],
-        "evaluate": ["--eval_only", "--init_from", ckpt, "--data", data, "--eval_split", "te"],
-        "sample": ["--ckpt", ckpt, "--out", os.path.join(out, "samples")],
-        "complete": ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", os.path.join(out, "completions")],
+        "train": ["--data", data, "--out", os.path.join(out, "train")],
+        "evaluate": ["--eval_only", "--ckpt", ckpt, "--data", data, "--eval_split", "te"],
+        "sample": ["--ckpt", ckpt, "--out", out],
+        "complete": ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", out],
         "probe": ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")],
     }[stage]
     # evaluate and probe write nothing that --force guards (probe's outputs are a cache and a report)
@@ -84,15 +83,15 @@ def summarise(stage, result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES), help="what to train (default: shapes)")
+    p = argument_parser(__doc__)
+    p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES), help="what to train")
     p.add_argument("--source", default="data/cifar10-jpeg.zip",
                    help="the images for recipes that read a dataset: a zip or folder with train/ and test/ class "
-                        "folders, or CIFAR-10's python pickle folder (default: %(default)s)")
-    p.add_argument("--out", default="", help="output folder (default: out/RECIPE)")
+                        "folders, or CIFAR-10's python pickle folder")
+    p.add_argument("--out", default="", help="output folder ('': out/RECIPE)")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated stages to run, in order (default: all: {','.join(STAGES)})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+                   help="comma-separated stages to run, in order")
+    add_device_options(p)
     p.add_argument("--force", action="store_true", help="let the stages overwrite their earlier outputs")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

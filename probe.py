@@ -24,7 +24,6 @@ seconds, and the curve over depth shows where the best features lie (in the midd
 3. Output: the table (layer, C, val acc, test acc) printed and written to {out}/probe.json, and the accuracy
    against depth drawn to {out}/probe.png.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ from PIL import Image, ImageDraw
 
 from engine import fuse_mlp
 from igpt import IGPT
-from common import default_device
+from common import add_device_options, argument_parser, atomic_write, default_device, resolve_device, switch
 from data import load_tokens
 
 SPLITS = ("tr", "va", "te")
@@ -244,11 +243,11 @@ def load_split(data, split):
     return X, Y
 
 
-def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out_dir="out/probe", batch_size=256, device=None,
+def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
                  compile=None, max_iter=1000, tol=1e-4):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
-    forward pass per split, a fit per C and layer, the table printed and written to {out_dir}/probe.json and the
-    plot to {out_dir}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
+    forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
+    plot to {out}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
     torch.compile the feature pass (default: on CUDA). Returns the table's rows."""
     device = device or default_device()
     model = IGPT.from_checkpoint(ckpt)
@@ -257,7 +256,7 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out_dir="out/probe", b
     if not Cs or Cs[0] <= 0:
         raise ValueError(f"C values must be positive, got {Cs}")
     splits = {split: load_split(data, split) for split in SPLITS}
-    folder = cache_dir(ckpt, data, out_dir)
+    folder = cache_dir(ckpt, data, out)
     compile = device.startswith("cuda") if compile is None else compile
     paths = {split: cached_features(model, X, split, layers, folder, batch_size=batch_size, device=device,
                                     compile=compile) for split, (X, _) in splits.items()}
@@ -271,9 +270,9 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out_dir="out/probe", b
         print(f"{l:5d} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%", flush=True)
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%")
-    with open(os.path.join(out_dir, "probe.json"), "w") as f:
-        json.dump({"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows}, f, indent=2)
-    plot(rows, os.path.join(out_dir, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
+    report = json.dumps({"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows}, indent=2)
+    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(report.encode()))
+    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
     return rows
 
 
@@ -305,33 +304,28 @@ def plot(rows, path, title="linear probe", size=(640, 400)):
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         d.text((x1 - 60, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="model checkpoint (ours, or an original one after convert.py)")
     p.add_argument("--data", required=True, help="token files' prefix: {data}_trX.npy, ... (from quantize.py)")
     p.add_argument("--layers", "--layer", default="all",
-                   help="layers to probe: all, one (16), a list (8,12,16) or a range (10-20) (default: %(default)s)")
+                   help="layers to probe: all, one (16), a list (8,12,16) or a range (10-20)")
     p.add_argument("--Cs", default=DEFAULT_CS, metavar="C,C,...",
-                   help="inverse regularisation strengths to choose from on va, as scikit-learn's C "
-                        "(default: %(default)s)")
-    p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache "
-                   "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256, help="images a forward pass (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda, cpu, ... "
-                   "(default: %(default)s)")
-    p.add_argument("--compile", type=int, choices=[0, 1], default=None,
-                   help="torch.compile the feature pass (default: 1 on CUDA, 0 on the CPU)")
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: %(default)s)")
+                   help="inverse regularisation strengths to choose from on va, as scikit-learn's C")
+    p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="images a forward pass")
+    add_device_options(p, compile_what="the feature pass")
+    p.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
-                   "the mean objective is at most this (default: %(default)s)")
+                   "the mean objective is at most this")
     args = p.parse_args(argv)
     try:
-        device = default_device() if args.device == "auto" else args.device
-        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, device,
-                            None if args.compile is None else bool(args.compile), args.max_iter, args.tol)
+        device = resolve_device(args.device)
+        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
+                            switch(args.compile, device), args.max_iter, args.tol)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 

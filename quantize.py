@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from common import default_device, log, save_grid
+from common import add_device_options, argument_parser, log, resolve_device, save_grid
 from data import CIFAR, SPLITS, download_cifar, holdout, load_images, make_shapes, save_npy
 from palette import decode, encode, fit_palette, load_palette, palette_mse
 
@@ -65,10 +65,7 @@ def read_sources(specs, args, test=False):
 
 
 def parse_args(argv=None):
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argument_parser(__doc__)
     p.add_argument("source", nargs="+", help="training images: SOURCE[:SPLIT] (see above); several are joined")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS,
                    help="prefix of the files written: OUT_trX.npy, ..., e.g. data/cifar10")
@@ -87,7 +84,7 @@ def parse_args(argv=None):
                         "already ('': use the folder under data/, no download)")
     p.add_argument("--unlabelled", action="store_true", help="accept sources without labels (writes no Y files)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding image files (0: one per CPU)")
-    p.add_argument("--device", default="auto", help="k-means and encoding device: auto, cpu, cuda, cuda:N")
+    add_device_options(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     args = p.parse_args(argv)
     if not 0 <= args.val_frac < 1:
@@ -97,7 +94,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = default_device() if args.device == "auto" else args.device
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"quantize.py: {e}") from None
     out = {f"{s}{xy}": f"{args.out}_{s}{xy}.npy" for s in SPLITS for xy in "XY"}
     out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png"}
     existing = [p for p in out.values() if os.path.exists(p)]

@@ -1,15 +1,17 @@
 """
 Sample images from an iGPT checkpoint into a PNG grid (and the raw tokens as .npy).
 
-    python sample.py --ckpt igpt_s.pt                                   # 16 unconditional samples
-    python sample.py --ckpt igpt_s.pt --prime photos/ --prime_rows 16   # complete the bottom halves, 4 each
-    python sample.py --ckpt out/ckpt.pt --prime data/cifar10_teX.npy --num_prime 8 --out completions
+    python sample.py --ckpt igpt_s.pt                                     # 16 samples: samples.png, samples.npy
+    python sample.py --ckpt igpt_s.pt --prime photos/ --prime_rows 16     # complete the bottom halves, 4 each
+    python sample.py --ckpt out/ckpt.pt --prime data/cifar10_teX.npy --out out   # out/completions.png, .npy
+    python sample.py --ckpt igpt_s.pt --fast off                          # the plain path (igpt.generate)
 
-An unconditional grid is samples in rows; a completion grid has a row per primed image: the kept top rows, then
-the completions, then the original. Generation uses a static KV cache and, on a GPU, a compiled one-token step
-replayed as a CUDA graph (engine.Engine). The same --seed gives the same images on the same device.
+Unconditional samples go to OUT/samples.png (a grid, in rows) and OUT/samples.npy (the tokens); completions to
+OUT/completions.png, a row per primed image: the kept top rows in grey below, the completions, then the original.
+Generation goes through engine.Engine: on a GPU the fused decode step, compiled and replayed as a CUDA graph;
+elsewhere, or with --fast off, the plain KV-cached igpt.generate. The same --seed gives the same images on the
+same device.
 """
-import argparse
 import math
 import os
 import sys
@@ -18,35 +20,43 @@ import time
 import numpy as np
 import torch
 
-from common import default_device, save_grid
-from data import load_images
+from common import SWITCH, add_device_options, argument_parser, resolve_device, save_grid, switch
+from data import load_images, save_npy
 from engine import Engine
 from igpt import IGPT
 from palette import decode, encode, load_palette
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint (ours, or an original converted by convert.py)")
-    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]); default: the checkpoint's")
-    p.add_argument("--out", default="samples", help="writes OUT.png (the grid) and OUT.npy (the tokens)")
-    p.add_argument("--num_samples", type=int, default=None,
-                   help="images to sample; with --prime, completions per primed image (default 16, or 4 with --prime)")
+    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]); '': the checkpoint's")
+    p.add_argument("--out", default=".", help="folder for samples.png/.npy, or completions.png/.npy with --prime")
+    p.add_argument("--num_samples", type=int, default=0,
+                   help="images to sample, or with --prime completions per primed image (0: 16, or 4 with --prime)")
     p.add_argument("--prime", default="", help="images to complete: an image file, a folder, a .zip, or a token "
                                                ".npy file such as data/cifar10_teX.npy")
     p.add_argument("--num_prime", type=int, default=8, help="how many images of --prime to complete (the first ones)")
-    p.add_argument("--prime_rows", type=int, default=None, help="rows of each primed image kept (default n_px/2)")
+    p.add_argument("--prime_rows", type=int, default=0, help="rows of each primed image kept (0: n_px/2)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest colours only")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set holding p")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="on GPU (CPU: float32)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="compiled step (auto: GPU)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of every draw")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest colours only (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set holding p (1: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise of every draw")
+    add_device_options(p, compile_what="the one-token step")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and cache on a GPU (the CPU runs float32)")
+    p.add_argument("--fast", default="auto", choices=SWITCH, help="the fused decode step of engine.py (auto: on a GPU; "
+                   "off: the plain igpt.generate)")
     p.add_argument("--scale", type=int, default=4, help="pixel size of the grid images")
-    p.add_argument("--force", action="store_true", help="overwrite existing OUT.png / OUT.npy")
-    return p.parse_args(argv)
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    args = p.parse_args(argv)
+    for name, low in [("num_samples", 0), ("num_prime", 1), ("batch_size", 1), ("top_k", 0), ("scale", 1)]:
+        if getattr(args, name) < low:
+            p.error(f"--{name} must be at least {low}")
+    if not 0 < args.top_p <= 1 or args.temperature <= 0:
+        p.error("--top_p must lie in (0, 1] and --temperature be positive")
+    return args
 
 
 def load_prime(source, palette, n_px, n_vocab, count):
@@ -68,8 +78,12 @@ def load_prime(source, palette, n_px, n_vocab, count):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(default_device() if args.device == "auto" else args.device)
-    png, npy = args.out + ".png", args.out + ".npy"
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}") from None
+    name = "completions" if args.prime else "samples"
+    png, npy = os.path.join(args.out, name + ".png"), os.path.join(args.out, name + ".npy")
     for path in (png, npy):
         if os.path.exists(path) and not args.force:
             raise SystemExit(f"{path} exists: choose another --out or pass --force to overwrite it")
@@ -85,11 +99,12 @@ def main(argv=None):
 
     dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
-    compile_step = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compile_step = switch(args.compile, device)
+    fast = {"auto": "auto", "on": True, "off": False}[args.fast]
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     if args.prime:
-        prime_rows = n_px // 2 if args.prime_rows is None else args.prime_rows
+        prime_rows = args.prime_rows or n_px // 2
         if not 0 < prime_rows < n_px:
             raise SystemExit(f"--prime_rows must lie in 1..{n_px - 1}")
         originals = load_prime(args.prime, palette, n_px, n_vocab, args.num_prime)
@@ -99,8 +114,12 @@ def main(argv=None):
     else:
         per_image, prime, total = None, None, args.num_samples or 16
 
-    print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, compiled step: {compile_step})")
-    sampler = Engine(model, compile=compile_step)  # the fused step on a GPU; its graphs serve every batch
+    try:
+        sampler = Engine(model, fast=fast, compile=compile_step)  # its buffers and graphs serve every batch
+    except ValueError as e:
+        raise SystemExit(f"sample.py: --fast on: {e}") from None
+    path = "the fused step" if sampler.fast else "the plain path"
+    print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, {path}, compiled: {compile_step})")
     t0 = time.time()
     chunks = []
     for start in range(0, total, args.batch_size):
@@ -113,7 +132,7 @@ def main(argv=None):
                 sys.stderr.flush()
 
         chunks.append(sampler.generate(num_samples=n, prime=None if prime is None else prime[start:start + n],
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                                        generator=generator, progress=progress).cpu())
     sys.stderr.write("\n")
     tokens = torch.cat(chunks).numpy().astype(np.uint16)
@@ -132,7 +151,7 @@ def main(argv=None):
         completions = images.reshape(len(originals), per_image, n_px, n_px, 3)
         grid = np.concatenate([kept[:, None], completions, decode(originals, palette)[:, None]], axis=1)
     save_grid(grid, png, scale=args.scale)
-    np.save(npy, tokens)
+    save_npy(npy, tokens)
     print(f"wrote {png} and {npy}")
     return {"png": png, "npy": npy, "images": total, "seconds": elapsed}
 

@@ -5,9 +5,9 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
     python train.py --data data/cifar10 --model s                       # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --data data/cifar10            # DDP on 8 GPUs
     python train.py --config config/cifar10.py --max_steps 5000         # a file of overrides, then flags
-    python train.py --resume --out_dir out                              # continue exactly where it stopped
-    python train.py --eval_only --init_from igpt_s.pt --data downloads/imagenet --eval_split te
-    python train.py --init_from igpt_s.pt --clf --data data/cifar10     # fine-tune: classifier + generative loss
+    python train.py --resume --out out                                  # continue exactly where it stopped
+    python train.py --eval_only --ckpt igpt_s.pt --data downloads/imagenet --eval_split te
+    python train.py --ckpt igpt_s.pt --clf --data data/cifar10          # fine-tune: classifier + generative loss
 
 Every option, its default and its meaning: python train.py --help. A config file holds `name = value` lines
 (Python literals), read without running any code.
@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from igpt import IGPT, PRESETS, IGPTConfig, load_checkpoint, save_checkpoint
+from common import SWITCH, argument_parser, resolve_device, switch
 from data import load_tokens
+from igpt import IGPT, PRESETS, IGPTConfig, load_checkpoint, save_checkpoint
 from palette import find_palette, load_palette
 
 
@@ -39,7 +40,7 @@ from palette import find_palette, load_palette
 class TrainConfig:
     # data and output
     data: str = "data/shapes"       # token files prefix: {data}_trX.npy, {data}_vaX.npy (quantize.py writes them)
-    out_dir: str = "out"            # ckpt.pt and log.jsonl go here
+    out: str = "out"                # the run's folder: ckpt.pt and log.jsonl go here
     palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
     flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
     # model
@@ -47,7 +48,7 @@ class TrainConfig:
     n_layer: int = 0                # > 0 overrides the preset
     n_embd: int = 0
     n_head: int = 0
-    init_from: str = ""             # start from this checkpoint's weights (ours or converted originals)
+    ckpt: str = ""                  # start from this checkpoint's weights (ours or converted originals)
     clf: bool = False               # fine-tune: classifier on mean-pooled final features + generative loss
     gen_weight: float = 1.0         # with --clf, loss = clf_loss + gen_weight * gen_loss
     # optimisation: the paper's recipe (Adam 0.9/0.95, no weight decay, warmup then cosine to 0)
@@ -65,10 +66,10 @@ class TrainConfig:
     eval_interval: int = 1000       # steps between validation passes (and checkpoints)
     eval_images: int = 0            # images of the split per evaluation; 0 means all of it
     eval_split: str = "va"          # split that evaluation reads: va (validation) or te (test)
-    eval_only: bool = False         # evaluate --init_from (or the --resume checkpoint) and exit
+    eval_only: bool = False         # evaluate --ckpt (or the --resume checkpoint) and exit
     log_interval: int = 10
-    resume: bool = False            # continue from {out_dir}/ckpt.pt
-    force: bool = False             # start over even though {out_dir} holds a checkpoint
+    resume: bool = False            # continue from {out}/ckpt.pt
+    force: bool = False             # start over even though {out} holds a checkpoint
     # system
     device: str = "auto"            # auto, cpu, cuda, cuda:N
     dtype: str = "bfloat16"         # autocast dtype on GPU: bfloat16 or float32 (the CPU always uses float32)
@@ -76,10 +77,16 @@ class TrainConfig:
     seed: int = 1337
 
 
+CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloat16", "float32"),
+           "compile": SWITCH}
+ALIASES = {"ckpt": ["--init_from"], "out": ["--out_dir"]}  # the earlier spellings
+RENAMED = {"init_from": "ckpt", "out_dir": "out"}  # in the train_config of checkpoints written before
+
+
 def parse_config(argv=None):
     """TrainConfig from defaults, then a --config file of overrides, then command-line flags. Also returns the
     names given explicitly, so --resume can take the rest from the checkpoint."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--config", default="", help="file of `name = value` overrides (default: none)")
     comments = _field_comments()
     for f in fields(TrainConfig):
@@ -88,7 +95,8 @@ def parse_config(argv=None):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), dest=f.name, type=f.type,
+                                choices=CHOICES.get(f.name), default=argparse.SUPPRESS, help=help_text)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     overrides = read_config_file(config_file) if config_file else {}
@@ -177,18 +185,18 @@ def get_micro_batch(X, indices, n_px, flip_mask, device):
 # ---- model ----
 
 def build_model(cfg, n_px, n_vocab, n_classes):
-    """A fresh model from the preset (and overrides), or the --init_from checkpoint's weights."""
-    if cfg.init_from:
-        ckpt = load_checkpoint(cfg.init_from)
+    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights."""
+    if cfg.ckpt:
+        ckpt = load_checkpoint(cfg.ckpt)
         mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"]})
         if mconf.n_px != n_px:
-            raise SystemExit(f"{cfg.init_from} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
+            raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
                              f"{n_px}x{n_px}")
         model = IGPT(mconf)
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         new_head = {"clf.weight"} if cfg.clf else set()
         if set(missing) - new_head or unexpected:
-            raise SystemExit(f"{cfg.init_from}: weights do not fit the model (missing {missing}, "
+            raise SystemExit(f"{cfg.ckpt}: weights do not fit the model (missing {missing}, "
                              f"unexpected {unexpected})")
         return model, ckpt.get("palette")
     if cfg.model not in PRESETS:
@@ -258,9 +266,10 @@ def setup_distributed(cfg):
         if use_cuda:
             torch.cuda.set_device(device)
         return rank, local_rank, world, device
-    if cfg.device == "auto":
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 0, 1, torch.device(cfg.device)
+    try:
+        return 0, 0, 1, resolve_device(cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
 
 
 def main(argv=None):
@@ -268,15 +277,15 @@ def main(argv=None):
     rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    log_path = os.path.join(cfg.out, "log.jsonl")
 
     resume_state = None
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         resume_state = load_checkpoint(ckpt_path)
-        saved = resume_state.get("train_config", {})
+        saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
         # the run continues under its saved options, except those set again now (e.g. a larger --max_steps)
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
     elif not cfg.eval_only and os.path.exists(ckpt_path) and not cfg.force:
@@ -301,10 +310,10 @@ def main(argv=None):
 
     # model
     torch.manual_seed(cfg.seed)
-    if cfg.eval_only and not cfg.init_from:
+    if cfg.eval_only and not cfg.ckpt:
         if resume_state is None:
-            raise SystemExit("--eval_only needs --init_from CHECKPOINT (or --resume)")
-        cfg.init_from = ckpt_path
+            raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
+        cfg.ckpt = ckpt_path
     model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes)
     if palette is None and ckpt_palette is not None:
         palette = ckpt_palette
@@ -323,7 +332,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and amp_dtype != torch.float32 else nullcontext()
-    do_compile = cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)
+    do_compile = switch(cfg.compile, device)
     if cfg.eval_only:
         loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                              cfg.eval_images)
@@ -357,7 +366,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        os.makedirs(cfg.out, exist_ok=True)
         keep = []  # after a resume, drop log lines of steps the checkpoint did not keep
         if resume_state is not None and os.path.exists(log_path):
             keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]

@@ -136,7 +136,7 @@ def test_hf_import_matches_hf_logits(tmp_path):
 def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
     model = tiny_model()
     save_checkpoint(tmp_path / "igpt.pt", model)
-    main(["--to_hf", str(tmp_path / "igpt.pt"), "--out", str(tmp_path / "hf")])
+    main(["--to_hf", "--ckpt", str(tmp_path / "igpt.pt"), "--out", str(tmp_path / "hf")])
     hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
     x = tokens()
     with torch.no_grad():

@@ -74,6 +74,6 @@ def test_the_cifar10_recipe_points_every_stage_at_the_same_run():
     assert argv["quantize"][:3] == ["d.zip:train", "--test", "d.zip:test"]
     assert argv["train"][argv["train"].index("--data") + 1] == "out/c/data/cifar10"
     for stage in ("evaluate", "sample", "complete", "probe"):
-        flag = "--init_from" if stage == "evaluate" else "--ckpt"
+        flag = "--ckpt" if stage == "evaluate" else "--ckpt"
         assert argv[stage][argv[stage].index(flag) + 1] == "out/c/train/ckpt.pt"
     assert "out/c/data/cifar10_teX.npy" in argv["complete"]

@@ -36,22 +36,22 @@ def tile(grid, row, col):
 
 def test_unconditional_grid_shows_the_sampled_tokens_and_the_seed_reproduces_them(ckpt, tmp_path):
     run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 5, "--batch_size", 2, "--scale", SCALE, "--seed", 3)
-    tokens = np.load(tmp_path / "a.npy")
+    tokens = np.load(tmp_path / "a" / "samples.npy")
     assert tokens.shape == (5, N_PX * N_PX) and tokens.dtype == np.uint16
-    grid = np.asarray(Image.open(tmp_path / "a.png"))
+    grid = np.asarray(Image.open(tmp_path / "a" / "samples.png"))
     images = decode(tokens, palette())
     for i in range(5):  # 5 samples lie in rows of ceil(sqrt(5)) = 3
         np.testing.assert_array_equal(tile(grid, i // 3, i % 3), images[i])
     run("--ckpt", ckpt, "--out", tmp_path / "b", "--num_samples", 5, "--batch_size", 2, "--seed", 3)
     run("--ckpt", ckpt, "--out", tmp_path / "c", "--num_samples", 5, "--batch_size", 2, "--seed", 4)
-    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), tokens)
-    assert not np.array_equal(np.load(tmp_path / "c.npy"), tokens)
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "samples.npy"), tokens)
+    assert not np.array_equal(np.load(tmp_path / "c" / "samples.npy"), tokens)
 
 
 def test_the_tokens_are_generate_with_the_seeded_generator(ckpt, tmp_path):
     run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 3, "--seed", 9, "--top_k", 4)
     expected = generate(tiny_model(), num_samples=3, top_k=4, generator=torch.Generator().manual_seed(9))
-    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), expected.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "samples.npy"), expected.numpy())
 
 
 def test_completions_keep_the_primed_rows_and_the_grid_shows_kept_completions_original(ckpt, tmp_path):
@@ -59,10 +59,10 @@ def test_completions_keep_the_primed_rows_and_the_grid_shows_kept_completions_or
     np.save(tmp_path / "teX.npy", originals)
     run("--ckpt", ckpt, "--prime", tmp_path / "teX.npy", "--num_prime", 2, "--num_samples", 3, "--prime_rows", 1,
         "--out", tmp_path / "c", "--scale", SCALE)
-    tokens = np.load(tmp_path / "c.npy")
+    tokens = np.load(tmp_path / "c" / "completions.npy")
     assert tokens.shape == (6, N_PX * N_PX)
     np.testing.assert_array_equal(tokens[:, :N_PX], np.repeat(originals[:2, :N_PX], 3, axis=0))
-    grid = np.asarray(Image.open(tmp_path / "c.png"))
+    grid = np.asarray(Image.open(tmp_path / "c" / "completions.png"))
     for r in range(2):
         kept = tile(grid, r, 0)
         np.testing.assert_array_equal(kept[:1], decode(originals[r:r + 1], palette())[0][:1])
@@ -77,15 +77,15 @@ def test_prime_images_are_quantized_with_the_palette(ckpt, tmp_path):
     want = np.random.default_rng(1).integers(0, N_VOCAB, N_PX * N_PX)
     Image.fromarray(colours[want].reshape(N_PX, N_PX, 3)).save(tmp_path / "p.png")
     run("--ckpt", ckpt, "--prime", tmp_path / "p.png", "--num_samples", 1, "--prime_rows", 2, "--out", tmp_path / "c")
-    np.testing.assert_array_equal(np.load(tmp_path / "c.npy")[0, :2 * N_PX], want[:2 * N_PX])
+    np.testing.assert_array_equal(np.load(tmp_path / "c" / "completions.npy")[0, :2 * N_PX], want[:2 * N_PX])
 
 
 def test_existing_outputs_are_not_overwritten_without_force(ckpt, tmp_path):
     run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1)
-    before = (tmp_path / "a.png").read_bytes()
-    with pytest.raises(SystemExit, match="a.png exists.*--force"):
+    before = (tmp_path / "a" / "samples.png").read_bytes()
+    with pytest.raises(SystemExit, match="samples.png exists.*--force"):
         run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1, "--seed", 1)
-    assert (tmp_path / "a.png").read_bytes() == before
+    assert (tmp_path / "a" / "samples.png").read_bytes() == before
     run("--ckpt", ckpt, "--out", tmp_path / "a", "--num_samples", 1, "--seed", 1, "--force")
 
 

@@ -39,7 +39,7 @@ def run(*args):
 def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
     prefix = write_tokens(tmp_path, n=4)
     out = tmp_path / "out"
-    run("--data", prefix, "--out_dir", out, *TINY, "--batch_size", 4, "--micro_batch_size", 4,
+    run("--data", prefix, "--out", out, *TINY, "--batch_size", 4, "--micro_batch_size", 4,
         "--max_steps", 150, "--eval_interval", 150, "--learning_rate", 3e-2, "--grad_clip", 0)
     final = losses(out)[150]
     assert final < 0.1 < math.log(16)  # from ln(16) = 2.77 nats to memorised
@@ -49,7 +49,7 @@ def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_pat
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 4, "--max_steps", 8,
               "--eval_interval", 3, "--flip"]
-    run(*common, "--out_dir", tmp_path / "whole")
+    run(*common, "--out", tmp_path / "whole")
 
     saves = []
     real_save = train.save_checkpoint
@@ -62,10 +62,10 @@ def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_pat
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(*common, "--out_dir", tmp_path / "cut")
+        run(*common, "--out", tmp_path / "cut")
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == 6
-    run("--resume", "--out_dir", tmp_path / "cut")
+    run("--resume", "--out", tmp_path / "cut")
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
     torch.testing.assert_close(load_checkpoint(tmp_path / "cut" / "ckpt.pt")["model"],
                                load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"])
@@ -77,9 +77,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
               "--eval_interval", 4, "--device", "cpu", *task]
-    run(*common, "--out_dir", tmp_path / "one")
+    run(*common, "--out", tmp_path / "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common), "--out_dir", str(tmp_path / "two")]
+           os.path.join(ROOT, "train.py"), *map(str, common), "--out", str(tmp_path / "two")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,9 +92,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
 
 def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
     prefix = write_tokens(tmp_path)
-    run("--data", prefix, "--out_dir", tmp_path / "pre", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+    run("--data", prefix, "--out", tmp_path / "pre", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
         "--max_steps", 2, "--eval_interval", 2)
-    run("--data", prefix, "--out_dir", tmp_path / "ft", "--init_from", tmp_path / "pre" / "ckpt.pt", "--clf",
+    run("--data", prefix, "--out", tmp_path / "ft", "--ckpt", tmp_path / "pre" / "ckpt.pt", "--clf",
         "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 2, "--eval_interval", 2, "--log_interval", 1)
     ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
     assert ckpt["config"]["n_classes"] == 3 and ckpt["model"]["clf.weight"].abs().sum() > 0
@@ -108,16 +108,16 @@ def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
         gen_loss = pretrained(torch.from_numpy(np.load(prefix + "_trX.npy")[first].astype(np.int64)))[1].item()
     for gen_weight in (0, 0.5):
         out = tmp_path / f"ft{gen_weight}"
-        run("--data", prefix, "--out_dir", out, "--init_from", tmp_path / "pre" / "ckpt.pt", "--clf",
+        run("--data", prefix, "--out", out, "--ckpt", tmp_path / "pre" / "ckpt.pt", "--clf",
             "--gen_weight", gen_weight, "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 1)
         assert losses(out)[1] == pytest.approx(math.log(3) + gen_weight * gen_loss, rel=1e-5)
 
 
 def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
     prefix = write_tokens(tmp_path)
-    run("--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
         "--max_steps", 3, "--eval_interval", 3)
-    result = run("--eval_only", "--init_from", tmp_path / "o" / "ckpt.pt", "--data", prefix,
+    result = run("--eval_only", "--ckpt", tmp_path / "o" / "ckpt.pt", "--data", prefix,
                  "--micro_batch_size", 5)
     from igpt import IGPT
     model = IGPT.from_checkpoint(tmp_path / "o" / "ckpt.pt")
@@ -128,7 +128,7 @@ def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
 
 def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
     prefix = write_tokens(tmp_path)
-    args = ["--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+    args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
             "--max_steps", 1, "--eval_interval", 1]
     run(*args)
     before = (tmp_path / "o" / "ckpt.pt").read_bytes()
@@ -141,7 +141,7 @@ def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     prefix = write_tokens(tmp_path)
-    args = ["--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+    args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
             "--max_steps", 6, "--eval_interval", 2, "--log_interval", 100]  # the loss is first read at step 4
     real_forward = train.IGPT.forward
     calls = []
@@ -165,22 +165,22 @@ def test_token_values_outside_the_palette_are_a_clear_error(tmp_path):
     x[3, 5] = 16
     np.save(f"{prefix}_trX.npy", x)
     with pytest.raises(SystemExit, match=r"token values span 0..16 but the palette has 16 colours"):
-        run("--data", prefix, "--out_dir", tmp_path / "o", *TINY)
+        run("--data", prefix, "--out", tmp_path / "o", *TINY)
 
 
 def test_images_of_the_wrong_length_are_a_clear_error(tmp_path):
     prefix = write_tokens(tmp_path)
-    run("--data", prefix, "--out_dir", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
         "--max_steps", 1, "--eval_interval", 1)
     os.makedirs(tmp_path / "big")
     other = write_tokens(tmp_path / "big", n_px=5)
     with pytest.raises(SystemExit, match="model of 4x4 images but the data has 5x5"):
-        run("--data", other, "--out_dir", tmp_path / "o2", "--init_from", tmp_path / "o" / "ckpt.pt")
+        run("--data", other, "--out", tmp_path / "o2", "--ckpt", tmp_path / "o" / "ckpt.pt")
 
 
 def test_a_missing_data_path_names_the_file(tmp_path):
     with pytest.raises((SystemExit, FileNotFoundError), match="nothing_trX.npy"):
-        run("--data", tmp_path / "nothing", "--out_dir", tmp_path / "o")
+        run("--data", tmp_path / "nothing", "--out", tmp_path / "o")
 
 
 def test_config_file_overrides_defaults_and_flags_override_the_file(tmp_path):
