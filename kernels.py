@@ -200,8 +200,8 @@ if triton is not None:
             m, p, rescale = _softmax_scores(q, k_first, first_valid, m)
             acc = acc * rescale + tl.sum(p[:, None] * v_first.to(tl.float32), 0)
             total = total * rescale + tl.sum(p, 0)
-        # the loop counts from the split's start, from a constant: a loop from start + FIRST_BLOCK compiles to a
-        # slower one
+        # the loop counts from the split's start, from a constant: one from start + FIRST_BLOCK compiles to a
+        # slower loop
         for offset in range(FIRST_BLOCK, end - start, BLOCK):
             n = start + offset + tl.arange(0, BLOCK)
             valid = n < end

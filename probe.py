@@ -70,8 +70,8 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
 
     The model is moved to `device` (default: CUDA when there is one) and, on CUDA, cast to bf16 in place: weights
     and residual stream in bf16 move half the bytes of autocast's float32 ones, and the MLP runs its fused
-    product (engine.fuse_mlp); the features differ from float32's by 5e-3 (relative), as autocast's do. The CPU
-    stays in float32. compile: torch.compile the whole feature pass, so each block's residual add fuses with the
+    product (engine.fuse_mlp); the features differ from float32's about as much as autocast's do. The CPU stays
+    in float32. compile: torch.compile the whole feature pass, so each block's residual add fuses with the
     next block's norm and with the pooling (the last batch is padded to full size so no shape recompiles).
     progress: a label to print progress (images/s) under."""
     c = model.config
