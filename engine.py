@@ -172,7 +172,7 @@ class Engine:
         for i in range(P, T):
             s.step()
             if progress is not None:
-                progress(i + 1, T)
+                progress(i + 1, T, s.tokens)
         return s.tokens.clone()
 
     def _buffers_for(self, batch_size, settings):

@@ -324,7 +324,8 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
     prime: optional [B, P] tokens to keep and continue (completions); else num_samples unconditional images.
     generator: the torch.Generator (on the model's device) that draws all the noise up front, so one seed gives the
     same images on one device. compile: run the one-token step through torch.compile. progress: called as
-    progress(done, total) after each position. The cache is freed on return."""
+    progress(done, total, tokens) after each position, tokens [B, T] holding the first `done` of every row (an
+    exception it raises stops the generation). The cache is freed on return."""
     prime = prime_tokens(model, num_samples, prime)
     (B, P), T = prime.shape, model.config.block_size
     noise = torch.rand(T - P, B, model.config.n_vocab, generator=generator, device=prime.device)
@@ -338,7 +339,7 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
                 logits = step(tokens[:, i - 1], torch.tensor([i], device=prime.device))
             tokens[:, i] = sample_from_logits(logits, noise[i - P], temperature, top_k, top_p)
             if progress is not None:
-                progress(i + 1, T)
+                progress(i + 1, T, tokens)
     finally:
         model.setup_kv_cache(None)
     return tokens

@@ -125,7 +125,7 @@ def main(argv=None):
     for start in range(0, total, args.batch_size):
         n = min(args.batch_size, total - start)
 
-        def progress(done, of, start=start):
+        def progress(done, of, tokens, start=start):
             if done % max(1, of // 20) == 0 or done == of:
                 sys.stderr.write(f"\r  images {start + 1}-{start + n} of {total}: token {done}/{of}, "
                                  f"{time.time() - t0:.1f}s")

@@ -98,7 +98,20 @@ def test_nothing_stays_with_the_model_after_a_call():
     assert all(block.attn.kv_cache is None for block in model.h)
 
 
-def test_progress_counts_every_position_of_the_image():
+def test_progress_sees_every_position_filled_in_order():
     calls = []
-    generate(tiny_model(), prime=tokens(batch=1)[:, :6], progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(i, 16) for i in range(7, 17)]
+    got = generate(tiny_model(), prime=tokens(batch=2)[:, :6],
+                   progress=lambda done, total, x: calls.append((done, total, x[:, :done].clone())))
+    assert [(done, total) for done, total, _ in calls] == [(i, 16) for i in range(7, 17)]
+    assert all(torch.equal(x, got[:, :done]) for done, _, x in calls)
+
+
+def test_an_exception_in_progress_stops_the_generation_and_frees_the_cache():
+    model = tiny_model()
+
+    def stop(done, total, x):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, num_samples=2, progress=stop)
+    assert all(block.attn.kv_cache is None for block in model.h)
