@@ -23,8 +23,8 @@ def ckpt(tmp_path):
     return str(path)
 
 
-def run(*args):
-    return sample.main([str(a) for a in args])
+def run(*args, device="cpu"):
+    return sample.main([str(a) for a in args] + ["--device", device])
 
 
 def tile(grid, row, col):
@@ -124,3 +124,13 @@ def test_prime_rows_must_leave_something_to_complete(ckpt, tmp_path):
     np.save(tmp_path / "p.npy", np.zeros((1, 16), np.uint16))
     with pytest.raises(SystemExit, match=r"--prime_rows must lie in 1..3"):
         run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--prime_rows", 4, "--out", tmp_path / "a")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_tokens_are_the_engines(ckpt, tmp_path):
+    from engine import Engine
+    run("--ckpt", ckpt, "--out", tmp_path / "g", "--num_samples", 3, "--seed", 9, "--dtype", "float32", device="cuda")
+    engine = Engine(tiny_model().cuda())
+    expected = engine.generate(num_samples=3, generator=torch.Generator("cuda").manual_seed(9))
+    assert engine.fast
+    np.testing.assert_array_equal(np.load(tmp_path / "g" / "samples.npy"), expected.cpu().numpy())
