@@ -330,7 +330,9 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
     (B, P), T = prime.shape, model.config.block_size
     noise = torch.rand(T - P, B, model.config.n_vocab, generator=generator, device=prime.device)
     tokens = torch.cat([prime, prime.new_zeros(B, T - P)], 1)
-    step = torch.compile(model.decode_step, dynamic=False) if compile else model.decode_step
+    step = model.decode_step
+    if compile:  # on a GPU, reduce-overhead replays the compiled step as a CUDA graph: launches dominate one token
+        step = torch.compile(step, dynamic=False, mode="reduce-overhead" if prime.is_cuda else None)
     model.setup_kv_cache(B)
     try:
         logits = model.prefill(prime)  # positions 0..P: the logits for x_P

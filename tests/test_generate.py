@@ -115,3 +115,12 @@ def test_an_exception_in_progress_stops_the_generation_and_frees_the_cache():
     with pytest.raises(KeyboardInterrupt):
         generate(model, num_samples=2, progress=stop)
     assert all(block.attn.kv_cache is None for block in model.h)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_compiled_step_on_a_gpu_draws_the_tokens_of_the_eager_one():
+    """compile=True on a GPU replays the step as a CUDA graph, which must still write the cache at every step."""
+    model, prime = tiny_model().cuda(), tokens(batch=4)[:, :5].cuda()
+    draw = lambda compile: generate(model, prime=prime, generator=torch.Generator("cuda").manual_seed(0),
+                                    compile=compile)
+    assert torch.equal(draw(True), draw(False))
