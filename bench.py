@@ -285,18 +285,20 @@ def _random_token_files(folder, n_images, n_px=32, n_vocab=512):
     return prefix
 
 
-def _train_py_throughput(size, micro_batch_size, batch_size, steps=60):
-    """Run train.py itself on random tokens and read images/s and MFU from its log (after compile warm-up)."""
+def _train_py_throughput(size, micro_batch_size, batch_size, steps=60, n_px=32, extra=()):
+    """Run train.py itself on random tokens and read images/s and MFU from its log (after compile warm-up; the MFU
+    is None on the CPU). extra: more train.py flags."""
     import train
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = _random_token_files(tmp, 4 * batch_size)
+        prefix = _random_token_files(tmp, 4 * batch_size, n_px)
         out = os.path.join(tmp, "out")
         train.main(["--data", prefix, "--out", out, "--model", size, "--batch_size", str(batch_size),
                     "--micro_batch_size", str(micro_batch_size), "--max_steps", str(steps), "--warmup_steps", "10",
-                    "--log_interval", "10", "--eval_interval", str(10 * steps), "--eval_images", "64"])
+                    "--log_interval", "10", "--eval_interval", str(10 * steps), "--eval_images", "64", *extra])
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     timed = [r for r in records if "images_per_s" in r and r["step"] > 20]  # skip compile and warm-up
-    return statistics.median(r["images_per_s"] for r in timed), statistics.median(r["mfu"] for r in timed)
+    mfu = statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None
+    return statistics.median(r["images_per_s"] for r in timed), mfu
 
 
 def _hf_train_throughput(size, micro_batch_size, steps=12):
@@ -341,6 +343,26 @@ def train():
               flush=True)
         out[f"ratio_{size}"] = ratio
     return out
+
+@benchmark
+def train_bert():
+    """train.py's images/s and MFU for iGPT-S with the BERT objective beside the autoregressive one, in one run
+    with the same settings. The MFU counts each objective's attention (igpt.IGPT.flops_per_token): bidirectional
+    attention does about twice the causal one's work. IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, on the CPU."""
+    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    n_px, depth = (8, ["--n_layer", "2"]) if small else (32, [])
+    micro, batch, steps = (16, 16, 30) if small else (64, 128, 60)
+    out = {}
+    for name, flags in (("autoregressive", []), ("bert", ["--bert"])):
+        ips, mfu = _train_py_throughput("s", micro, batch, steps, n_px, [*depth, *flags])
+        out[name] = {"images_per_s": ips, "mfu": mfu, "micro_batch_size": micro}
+        print(f"iGPT-S{' (2 layers, 8x8)' if small else ''} {name}: {ips:.0f} images/s"
+              + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""), flush=True)
+    out["bert_over_autoregressive_images_per_s"] = out["bert"]["images_per_s"] / out["autoregressive"]["images_per_s"]
+    print(f"BERT trains at {out['bert_over_autoregressive_images_per_s']:.2f}x the autoregressive images/s",
+          flush=True)
+    return out
+
 
 # ---- sample.py: KV-cached generation ----
 

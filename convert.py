@@ -6,10 +6,12 @@ model/wte, wpe, sos, wtet, ln_f/g, each layer's ln_1/g and ln_2/g, and the class
 is one) are taken as they are; a layer's attn/{q,k,v}_proj ([n_head, d_head, n_embd] each) are joined into one
 c_attn weight; attn/c_proj and mlp/{c_fc,c_proj}/w, which the original multiplies as x @ w with w [in, out], are
 turned into nn.Linear's [out, in]. Only the model's variables are read, by tf_checkpoint.py with NumPy alone;
-optimizer slots and global_step are skipped.
+optimizer slots and global_step are skipped. A checkpoint without model/sos is one of the release's BERT models
+(igpt-{s,m,l}-bert), trained on masked pixels: it converts to IGPTConfig(bert=True).
 
     python convert.py path/to/model.ckpt-1000000 --out igpt_s.pt --palette kmeans_centers.npy   # original TF files
     python convert.py --download s --step 1000000 --dir release --palette                       # fetch, then convert
+    python convert.py --download s --bert --dir release                                         # a BERT model
     python convert.py --hf path/to/imagegpt-small --out igpt_s.pt                               # a local HF folder
     python convert.py --to_hf --ckpt igpt_s.pt --out imagegpt-small                             # ours -> HF folder
 """
@@ -37,7 +39,8 @@ SPLITS = ("trX", "trY", "vaX", "vaY", "teX", "teY")
 # ---- the original variables -> igpt.py ----
 
 def tf_config(ckpt) -> IGPTConfig:
-    """The IGPTConfig of an original checkpoint (a TFCheckpoint), inferred from its variables' shapes."""
+    """The IGPTConfig of an original checkpoint (a TFCheckpoint), inferred from its variables' shapes; a BERT model
+    is the one without model/sos (its masking rate is not stored: the release's 0.15 is assumed)."""
     n_vocab, n_embd = ckpt.entry("model/wte").shape
     n_ctx = ckpt.entry("model/wpe").shape[0]
     n_px = math.isqrt(n_ctx)
@@ -47,7 +50,7 @@ def tf_config(ckpt) -> IGPTConfig:
     n_head = ckpt.entry("model/h0/attn/q_proj").shape[0]
     n_classes = ckpt.entry("model/clf/wclf").shape[0] if "model/clf/wclf" in ckpt.entries else 0
     return IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_layer=max(layers) + 1,
-                      n_classes=n_classes)
+                      n_classes=n_classes, bert="model/sos" not in ckpt.entries)
 
 
 def tf_to_igpt(ckpt, verbose=True) -> IGPT:
@@ -65,9 +68,10 @@ def tf_to_igpt(ckpt, verbose=True) -> IGPT:
     # our key -> (original names, the shape each must have, how to make ours from them)
     plan = {"wte.weight": (["model/wte"], (V, d), same),
             "wpe.weight": (["model/wpe"], (c.block_size, d), same),
-            "sos": (["model/sos"], (d,), same),
             "ln_f.g": (["model/ln_f/g"], (d,), same),
             "wtet.weight": (["model/wtet"], (V, d), same)}  # logits = h @ wtet.T, as nn.Linear computes
+    if not c.bert:
+        plan["sos"] = (["model/sos"], (d,), same)
     if c.n_classes:
         plan["clf.weight"] = (["model/clf/wclf"], (c.n_classes, d), same)  # also h_mean @ wclf.T
     for i in range(c.n_layer):
@@ -169,6 +173,9 @@ def hf_to_igpt(folder) -> IGPT:
 def igpt_to_hf(model, folder, force=False):
     """Write model as a Hugging Face ImageGPT folder (config.json + model.safetensors) that
     transformers.ImageGPTForCausalImageModeling.from_pretrained loads. The classifier head, if any, is left out."""
+    if model.config.bert:
+        raise ValueError("a BERT model cannot be exported to Hugging Face: transformers' ImageGPT is autoregressive "
+                         "only (it has no masked-pixel model to hold it); keep the igpt checkpoint")
     transformers, save_file = _require("transformers"), _require("safetensors.torch").save_file
     path = os.path.join(folder, "model.safetensors")
     _refuse_overwrite(path, force)
@@ -196,13 +203,20 @@ def igpt_to_hf(model, folder, force=False):
 
 # ---- downloading the release (data.fetch: resumable, urllib only) ----
 
-def download_release(model, step, folder, palette=False, dataset=None, base_url=BASE_URL):
-    """Fetch the released checkpoint of size model ("s", "m", "l") at training step into folder, with the palette
-    (kmeans_centers.npy) and a dataset's six .npy files if asked; the .meta graph is not needed and not fetched.
-    Returns the checkpoint prefix."""
-    os.makedirs(folder, exist_ok=True)
+def release_name(model, bert=False):
+    """The release's name of a model: igpt-s, or igpt-s-bert for its BERT model."""
+    return f"igpt-{model}" + ("-bert" if bert else "")
+
+
+def download_release(model, step, folder, palette=False, dataset=None, base_url=BASE_URL, bert=False):
+    """Fetch the released checkpoint of size model ("s", "m", "l") at training step into folder (the BERT model's
+    with bert), with the palette (kmeans_centers.npy) and a dataset's six .npy files if asked; the .meta graph is not
+    needed and not fetched. Returns the checkpoint prefix. The BERT model's files are named as the autoregressive
+    one's, so they go to a folder of their own, folder/igpt-SIZE-bert/, where neither is taken for the other."""
     name = f"model.ckpt-{step}"
-    prefix, url = os.path.join(folder, name), f"{base_url}/checkpoints/igpt-{model}/{step}/{name}"
+    prefix = os.path.join(folder, release_name(model, bert) if bert else "", name)
+    url = f"{base_url}/checkpoints/{release_name(model, bert)}/{step}/{name}"
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
     fetch(url + ".index", prefix + ".index")
     ckpt = TFCheckpoint(prefix)  # the index says how many data shards there are
     for i in range(ckpt.num_shards):
@@ -223,13 +237,15 @@ def main(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("checkpoint", nargs="?", default=None, help="an original TF checkpoint prefix to convert")
     parser.add_argument("--out", default=None, help="the .pt to write (with --to_hf: the folder); with --download "
-                        "it defaults to DIR/igpt-SIZE-STEP.pt")
+                        "it defaults to DIR/igpt-SIZE-STEP.pt (DIR/igpt-SIZE-bert-STEP.pt with --bert)")
     parser.add_argument("--palette", nargs="?", const=True, default=None, metavar="NPY",
                         help="a palette .npy [n_vocab, 3] to store in the checkpoint; with --download and no NPY, "
                         "the release's kmeans_centers.npy is fetched")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--download", choices=["s", "m", "l"], default=None,
                         help="fetch this released model size, then convert it")
+    parser.add_argument("--bert", action="store_true",
+                        help="with --download: the release's BERT model of that size (igpt-SIZE-bert)")
     parser.add_argument("--step", type=int, choices=STEPS, default=1000000,
                         help="with --download: the training step of the checkpoint")
     parser.add_argument("--dir", default="release", help="with --download: where the files go")
@@ -244,8 +260,11 @@ def main(argv=None):
                if x is not None]
     if len(sources) != 1 or (args.ckpt is not None) != args.to_hf:
         parser.error("give exactly one of: a TF checkpoint, --download, --hf, --to_hf --ckpt PT")
+    if args.bert and not args.download:
+        parser.error("--bert picks the model --download fetches; a BERT checkpoint on disk converts as it is "
+                     "(it is recognised by its missing model/sos)")
     if args.download and args.out is None:
-        args.out = os.path.join(args.dir, f"igpt-{args.download}-{args.step}.pt")
+        args.out = os.path.join(args.dir, f"{release_name(args.download, args.bert)}-{args.step}.pt")
     if args.out is None:
         parser.error("--out is required")
     if args.palette is True and not args.download:
@@ -259,7 +278,7 @@ def main(argv=None):
     palette = load_palette(args.palette) if isinstance(args.palette, str) else None
     if args.download:
         prefix = download_release(args.download, args.step, args.dir, args.palette is True, args.dataset,
-                                  args.base_url)
+                                  args.base_url, args.bert)
         if args.palette is True:
             palette = load_palette(os.path.join(args.dir, "kmeans_centers.npy"))
         model = tf_to_igpt(TFCheckpoint(prefix))
@@ -267,6 +286,8 @@ def main(argv=None):
         model = hf_to_igpt(args.hf)
     else:
         model = tf_to_igpt(TFCheckpoint(args.checkpoint))
+    if model.config.bert:
+        log("model/sos is absent: a BERT model (masked pixels, bidirectional attention), converted with bert=True")
     if palette is not None and len(palette) != model.config.n_vocab:
         raise ValueError(f"the palette has {len(palette)} colours but the model has n_vocab={model.config.n_vocab}")
     save_checkpoint(args.out, model, palette=palette)

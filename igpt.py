@@ -6,10 +6,16 @@ with the original's changes: a norm that does not subtract the mean (gain only),
 learned start-of-sequence vector `sos` in front of the shifted token embeddings, and an untied, zero-initialised
 output head `wtet`. Position i reads [sos, x_0, ..., x_{i-1}] and predicts x_i.
 
+The paper's other objective, BERT (IGPTConfig(bert=True)), is the same network without `sos` and without the
+causal mask: a random 15% of positions (bert_mask_prob) have their token embedding zeroed, every position attends to
+every other, and the loss is the cross-entropy at the masked positions.
+
     model = IGPT(IGPTConfig.preset("s"))
     logits, loss = model(tokens)                     # tokens: [B, n_px*n_px] int64, loss in nats per token
     tokens = generate(model, num_samples=8)          # KV-cached sampling, plain PyTorch
     feats = model.features(tokens, layers=[12])      # linear-probe features, [B, 1, n_embd]
+    bert = IGPT(IGPTConfig.preset("s", bert=True))
+    logits, loss = bert(tokens, mask=mask)           # mask: bool [B, n_px*n_px], True where hidden and scored
 
 Also here: KV-cached generation in the style of gpt-fast (a static cache, prefill, a one-token step, the draw),
 the checkpoint format (save_checkpoint, IGPT.from_checkpoint), and configure_optimizers and estimate_mfu as in
@@ -20,6 +26,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,10 +48,14 @@ class IGPTConfig:
     n_head: int = 8
     n_layer: int = 24
     n_classes: int = 0    # > 0 adds the fine-tuning classifier on the mean-pooled final features
+    bert: bool = False    # the BERT objective: masked positions predicted with bidirectional attention
+    bert_mask_prob: float = 0.15  # with bert: the chance that each position is masked
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0 < self.bert_mask_prob < 1:
+            raise ValueError(f"bert_mask_prob={self.bert_mask_prob} must lie strictly between 0 and 1")
 
     @property
     def block_size(self) -> int:
@@ -85,10 +96,11 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
     def __init__(self, config: IGPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.causal = not config.bert  # BERT attends both ways: nothing it reads is the token it predicts
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.kv_cache = None  # a KVCache for generation, used by the calls that pass input_pos
@@ -97,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         if input_pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:  # generating: attend to the cached positions up to each query's own
             k, v = self.kv_cache.update(input_pos, k, v)
             mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, max_len)
@@ -124,7 +136,7 @@ class Block(nn.Module):
     def __init__(self, config: IGPTConfig):
         super().__init__()
         self.ln_1 = Norm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config)
         self.ln_2 = Norm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -139,7 +151,7 @@ class IGPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.n_vocab, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.sos = nn.Parameter(torch.empty(config.n_embd))
+        self.sos = None if config.bert else nn.Parameter(torch.empty(config.n_embd))  # BERT has no shift
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = Norm(config.n_embd)
         self.wtet = nn.Linear(config.n_embd, config.n_vocab, bias=False)  # untied output head
@@ -152,7 +164,8 @@ class IGPT(nn.Module):
         d, n_layer = self.config.n_embd, self.config.n_layer
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.01)
-        nn.init.normal_(self.sos, std=0.02)
+        if self.sos is not None:
+            nn.init.normal_(self.sos, std=0.02)
         for block in self.h:
             nn.init.normal_(block.attn.c_attn.weight, std=1 / math.sqrt(d))
             nn.init.normal_(block.attn.c_proj.weight, std=1 / math.sqrt(d * n_layer))
@@ -168,44 +181,75 @@ class IGPT(nn.Module):
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, tokens):
-        """Inputs to the first block: [sos, wte[x_0], ..., wte[x_{T-2}]] + wpe, so position i predicts x_i."""
+    def embed(self, tokens, mask=None):
+        """Inputs to the first block, + wpe: [sos, wte[x_0], ..., wte[x_{T-2}]], so position i predicts x_i; or for
+        BERT wte[x_i] with the masked positions' zeroed, so position i predicts x_i from the rest of the image."""
         B, T = tokens.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.block_size}")
-        h = torch.cat([self.sos.expand(B, 1, -1), self.wte(tokens[:, :-1])], dim=1)
+        if self.config.bert:
+            h = self.wte(tokens).masked_fill(mask[..., None], 0.0)
+        else:
+            h = torch.cat([self.sos.expand(B, 1, -1), self.wte(tokens[:, :-1])], dim=1)
         return h + self.wpe.weight[:T]
 
-    def hidden(self, tokens):
-        """Final normalised hidden states [B, T, n_embd]."""
-        h = self.embed(tokens)
+    def _bert_mask(self, tokens, mask):
+        """The mask a call reads: None for an autoregressive model, for BERT the one given or else a fresh draw,
+        each position masked with probability bert_mask_prob."""
+        if not self.config.bert:
+            if mask is not None:
+                raise ValueError("mask is for BERT models: an autoregressive one reads every token before the one "
+                                 "it predicts; call it without mask")
+            return None
+        if mask is None:
+            return torch.rand(tokens.shape, device=tokens.device) < self.config.bert_mask_prob
+        if mask.shape != tokens.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor shaped like the tokens {list(tokens.shape)}, got "
+                             f"{mask.dtype} {list(mask.shape)}")
+        return mask
+
+    def hidden(self, tokens, mask=None):
+        """Final normalised hidden states [B, T, n_embd]; mask as in forward."""
+        h = self.embed(tokens, self._bert_mask(tokens, mask))
         for block in self.h:
             h = block(h)
         return self.ln_f(h)
 
-    def forward(self, tokens):
-        """logits [B, T, n_vocab] where position i predicts tokens[:, i], and the mean loss in nats per token."""
-        logits = self.wtet(self.hidden(tokens))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        return logits, loss
+    def generative_loss(self, logits, tokens, mask=None):
+        """The generative loss in nats: the mean cross-entropy over every position; for BERT (mask given) the mean
+        over each image's masked positions, then over the images, as the original computes (an image with no
+        masked position, where the original divides by zero, counts 0)."""
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+        if mask is None:
+            return ce.mean()
+        return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
-    def classify(self, tokens):
-        """Fine-tuning: class logits from the mean-pooled final features, and the generative loss beside them."""
+    def forward(self, tokens, mask=None):
+        """logits [B, T, n_vocab] where position i predicts tokens[:, i], and the generative loss. mask (BERT only):
+        bool [B, T], True where the input is hidden and the prediction scored; None draws one."""
+        mask = self._bert_mask(tokens, mask)
+        logits = self.wtet(self.hidden(tokens, mask))
+        return logits, self.generative_loss(logits, tokens, mask)
+
+    def classify(self, tokens, mask=None):
+        """Fine-tuning: class logits from the mean-pooled final features, and the generative loss beside them
+        (mask as in forward: a BERT model is fine-tuned on masked inputs, as it was trained)."""
         if self.clf is None:
             raise ValueError("this model has no classifier: build it with IGPTConfig(n_classes=...)")
-        h = self.hidden(tokens)
-        gen_loss = F.cross_entropy(self.wtet(h).float().flatten(0, 1), tokens.flatten())
-        return self.clf(h.mean(dim=1)).float(), gen_loss
+        mask = self._bert_mask(tokens, mask)
+        h = self.hidden(tokens, mask)
+        return self.clf(h.mean(dim=1)).float(), self.generative_loss(self.wtet(h), tokens, mask)
 
     @torch.no_grad()
-    def features(self, tokens, layers):
+    def features(self, tokens, layers, mask=None):
         """Linear-probe features: the residual stream after each block in `layers` (1 = after the first block),
         normalised by the mean-free norm without its gain and averaged over positions. Returns
-        float32 [B, len(layers), n_embd], all from one forward pass that stops at the deepest layer asked for."""
+        float32 [B, len(layers), n_embd], all from one forward pass that stops at the deepest layer asked for.
+        mask as in forward: a BERT model's inputs are masked here too, as in training."""
         if not layers or min(layers) < 1 or max(layers) > self.config.n_layer:
             raise ValueError(f"layers must lie in 1..{self.config.n_layer}, got {list(layers)}")
         wanted, out = set(layers), {}
-        h = self.embed(tokens)
+        h = self.embed(tokens, self._bert_mask(tokens, mask))
         for i, block in enumerate(self.h[: max(layers)], start=1):
             h = block(h)
             if i in wanted:
@@ -274,13 +318,26 @@ class IGPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self) -> float:
-        """Training FLOPs (forward + backward) per token: 6 per parameter plus the attention scores."""
+        """Training FLOPs (forward + backward) per token: 6 per parameter, plus 12 per layer, width and key attended
+        for the attention's two products (q.k and the weighted sum of v). A BERT position attends to all T keys; a
+        causal one to (T + 1) / 2 on average, flash attention skipping the masked half."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        keys = c.block_size if c.bert else (c.block_size + 1) / 2
+        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_embd * keys
 
     def estimate_mfu(self, images_per_second, peak_flops=989e12):
         """Model FLOPs utilisation against a peak rate (default: H100 SXM dense bf16)."""
         return self.flops_per_token() * self.config.block_size * images_per_second / peak_flops
+
+
+def fixed_mask(image_ids, config, seed=0):
+    """BERT masks [len(image_ids), block_size] (True = masked) that depend on (seed, image id) alone: row j comes
+    from a generator seeded with (seed, image_ids[j]), so an image is masked alike whatever batch it is in, the batch
+    size or the number of processes, and evaluations of a BERT model compare between runs. seed: an int or a tuple
+    of ints."""
+    seed = (seed,) if isinstance(seed, int) else tuple(seed)
+    rows = [np.random.default_rng([*seed, int(i)]).random(config.block_size) for i in image_ids]
+    return torch.from_numpy(np.stack(rows) < config.bert_mask_prob)
 
 
 def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None):
@@ -305,6 +362,9 @@ def prime_tokens(model, num_samples=None, prime=None):
     """The known tokens [B, P] that generation continues, on the model's device: prime itself, or num_samples empty
     rows (P = 0) for unconditional samples."""
     device, T = model.wte.weight.device, model.config.block_size
+    if model.config.bert:
+        raise ValueError("a BERT model cannot generate: it predicts masked pixels from the rest of the image, so "
+                         "it has no order to sample in; sample from an autoregressive model")
     if prime is None:
         if not num_samples:
             raise ValueError("give num_samples (at least 1) or prime")

@@ -23,6 +23,14 @@ seconds, and the curve over depth shows where the best features lie (in the midd
    refit on tr + va (standardised with their mean and std), and that model's te accuracy is reported.
 3. Output: the table (layer, C, val acc, test acc) printed and written to {out}/probe.json, and the accuracy
    against depth drawn to {out}/probe.png.
+
+A BERT model is probed as the paper probes its BERT models (section 4.6): its inputs are masked at probe time as
+in training, to keep them in the distribution it learnt. Each image is read under a mask hiding bert_mask_prob
+(15%) of its positions, fixed by the split, the mask's number and the image alone (igpt.fixed_mask), so the
+features are the same in every run and cache; the features average over every position, masked ones included, as
+the original's do. With --bert_masks K (the paper tried 5), each va and te image is read under K independent masks
+and the prediction counted is the mode of the K predictions, ties broken at random (seeded); the probe is fitted on
+the features of one mask of each training image.
 """
 import hashlib
 import json
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from engine import fuse_mlp
-from igpt import IGPT
+from igpt import IGPT, fixed_mask
 from common import add_device_options, argument_parser, atomic_write, default_device, resolve_device, switch
 from data import load_tokens
 
@@ -64,9 +72,10 @@ def parse_layers(spec, n_layer):
 # ---- features ----
 
 @torch.no_grad()
-def extract_features(model, X, layers, batch_size=256, device=None, compile=False, progress=None):
+def extract_features(model, X, layers, batch_size=256, device=None, compile=False, progress=None, mask_seed=0):
     """Probe features of token images X (integer [N, n_px*n_px]: numpy, a memory map, or torch) at each of
-    `layers`, all from one forward pass per batch: float32 [N, len(layers), n_embd] on the CPU.
+    `layers`, all from one forward pass per batch: float32 [N, len(layers), n_embd] on the CPU. A BERT model reads
+    image i (the row of X) under fixed_mask([i], config, mask_seed).
 
     The model is moved to `device` (default: CUDA when there is one) and, on CUDA, cast to bf16 in place: weights
     and residual stream in bf16 move half the bytes of autocast's float32 ones, and the MLP runs its fused
@@ -95,12 +104,14 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
             xb = xb.pin_memory()
         xb = xb.to(device, non_blocking=True)
         n = len(xb)
+        mask = fixed_mask(range(i, i + n), c, mask_seed).to(device) if c.bert else None
         if compile:
             xb = F.pad(xb, (0, 0, 0, batch_size - n))
+            mask = None if mask is None else F.pad(mask, (0, 0, 0, batch_size - n), value=False)
         if copies is None:
-            out[i:i + n] = features(xb, layers)[:n]
+            out[i:i + n] = features(xb, layers, mask=mask)[:n]
         else:
-            copies.start(features(xb, layers)[:n], i)
+            copies.start(features(xb, layers, mask=mask)[:n], i)
         if progress and (time.time() - last > 10 or i + n == len(X)):
             last = time.time()
             print(f"{progress}: {i + n}/{len(X)} images, {(i + n) / (last - t0):.0f} images/s", flush=True)
@@ -154,16 +165,20 @@ def cache_dir(ckpt, data, out_dir):
     return folder
 
 
-def cached_features(model, X, split, layers, folder, **kwargs):
-    """Paths of the features of each layer of one split, extracting in one pass those not yet in `folder`."""
-    paths = {l: os.path.join(folder, f"{split}_layer{l:03d}.npy") for l in layers}
-    missing = [l for l in layers if not os.path.exists(paths[l])]
-    if missing:
-        feats = extract_features(model, X, missing, progress=f"features {split}", **kwargs)
-        for j, l in enumerate(missing):
-            tmp = paths[l] + ".tmp.npy"  # write then rename: an interrupted run leaves no half-written cache
-            np.save(tmp, feats[:, j].numpy())
-            os.replace(tmp, paths[l])
+def cached_features(model, X, split, layers, folder, masks=1, **kwargs):
+    """Paths of the features of each layer of one split, a list per layer of one path per mask (masks of them for a
+    BERT model, else one), extracting in one pass per mask those not yet in `folder`."""
+    names = [f"_mask{k}" for k in range(masks)] if model.config.bert else [""]
+    paths = {l: [os.path.join(folder, f"{split}_layer{l:03d}{name}.npy") for name in names] for l in layers}
+    for k in range(len(names)):
+        missing = [l for l in layers if not os.path.exists(paths[l][k])]
+        if missing:
+            feats = extract_features(model, X, missing, progress=f"features {split}",
+                                     mask_seed=(SPLITS.index(split), k), **kwargs)
+            for j, l in enumerate(missing):
+                tmp = paths[l][k] + ".tmp.npy"  # write then rename: an interrupted run leaves no half-written cache
+                np.save(tmp, feats[:, j].numpy())
+                os.replace(tmp, paths[l][k])
     return paths
 
 
@@ -210,11 +225,19 @@ def standardise(train, *others):
 
 
 def accuracy(W, b, X, y):
-    return ((X @ W + b).argmax(1) == y).float().mean().item()
+    """The share of y predicted from features X [N, D]; or from X [K, N, D], K views of each image (a BERT model's
+    masks), by the mode of their K predictions, ties broken at random (seeded, so the same on every call)."""
+    predictions = (X @ W + b).argmax(-1)
+    if X.dim() == 3:
+        votes = F.one_hot(predictions, W.size(1)).sum(0).float()
+        noise = torch.rand(votes.shape, generator=torch.Generator(X.device).manual_seed(0), device=X.device)
+        predictions = (votes + noise / 2).argmax(-1)  # below one vote: it only orders the tied classes
+    return (predictions == y).float().mean().item()
 
 
 def probe_layer(train, val, test, Cs, device=None, max_iter=1000, tol=1e-4):
-    """One layer's probe. train, val, test: (features [N, D], labels [N]) pairs. Fits each C of Cs on train
+    """One layer's probe. train, val, test: (features, labels [N]) pairs, features [N, D], or for val and test
+    [K, N, D] under K masks (see accuracy; the first mask's join train in the refit). Fits each C of Cs on train
     (ascending, each started from the last solution), takes the C of best val accuracy (the smallest on a tie),
     refits it on train + val and returns {"C", "val_acc", "test_acc", "val_accs" (one per C)}."""
     device = device or default_device()
@@ -228,12 +251,18 @@ def probe_layer(train, val, test, Cs, device=None, max_iter=1000, tol=1e-4):
         if best is None or val_accs[-1] > best[1]:
             best = (C, val_accs[-1], fit)
     C, val_acc, fit = best
-    Strva, Ste = standardise(torch.cat([Xtr, Xva]), Xte)
+    Strva, Ste = standardise(torch.cat([Xtr, Xva if Xva.dim() == 2 else Xva[0]]), Xte)
     fit = fit_logistic(Strva, torch.cat([ytr, yva]), C, max_iter, tol, device, init=fit)
     return {"C": C, "val_acc": val_acc, "test_acc": accuracy(*fit, Ste, yte), "val_accs": val_accs}
 
 
 # ---- the sweep, the table and the plot ----
+
+def load_features(paths):
+    """A layer's features of one split from its files: [N, D] from one, [K, N, D] from K (one a mask)."""
+    arrays = [np.load(p) for p in paths]
+    return arrays[0] if len(arrays) == 1 else np.stack(arrays)
+
 
 def load_split(data, split):
     X, Y = load_tokens(data, split)
@@ -244,13 +273,17 @@ def load_split(data, split):
 
 
 def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
-                 compile=None, max_iter=1000, tol=1e-4):
+                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
     plot to {out}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
-    torch.compile the feature pass (default: on CUDA). Returns the table's rows."""
+    torch.compile the feature pass (default: on CUDA); bert_masks: for a BERT model, the masks each va and te
+    image is read under (their predictions' mode counts). Returns the table's rows."""
     device = device or default_device()
     model = IGPT.from_checkpoint(ckpt)
+    if bert_masks < 1 or (bert_masks > 1 and not model.config.bert):
+        raise ValueError(f"bert_masks={bert_masks}: it must be at least 1, and above 1 only for a BERT model "
+                         "(an autoregressive one reads every image whole)")
     layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
     Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
     if not Cs or Cs[0] <= 0:
@@ -258,19 +291,22 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     splits = {split: load_split(data, split) for split in SPLITS}
     folder = cache_dir(ckpt, data, out)
     compile = device.startswith("cuda") if compile is None else compile
-    paths = {split: cached_features(model, X, split, layers, folder, batch_size=batch_size, device=device,
-                                    compile=compile) for split, (X, _) in splits.items()}
+    paths = {split: cached_features(model, X, split, layers, folder, 1 if split == "tr" else bert_masks,
+                                    batch_size=batch_size, device=device, compile=compile)
+             for split, (X, _) in splits.items()}
+    bert = model.config.bert
     del model
     rows = []
     print(f"{'layer':>5} {'C':>8} {'val acc':>8} {'test acc':>8}")
     for l in layers:
-        sets = [(np.load(paths[s][l]), torch.from_numpy(np.asarray(splits[s][1]))) for s in SPLITS]
+        sets = [(load_features(paths[s][l]), torch.from_numpy(np.asarray(splits[s][1]))) for s in SPLITS]
         rows.append({"layer": l, **probe_layer(*sets, Cs, device, max_iter, tol)})
         r = rows[-1]
         print(f"{l:5d} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%", flush=True)
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%")
-    report = json.dumps({"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows}, indent=2)
+    masks = {"bert_masks": bert_masks} if bert else {}
+    report = json.dumps({"ckpt": ckpt, "data": data, "Cs": Cs, **masks, "rows": rows}, indent=2)
     atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(report.encode()))
     plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
     return rows
@@ -318,6 +354,8 @@ def main(argv=None):
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="images a forward pass")
     add_device_options(p, compile_what="the feature pass")
+    p.add_argument("--bert_masks", type=int, default=1, help="BERT models: the fixed masks each va and te image is "
+                   "read under, the mode of their predictions counting (the paper's ensemble: 5)")
     p.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
                    "the mean objective is at most this")
@@ -325,7 +363,7 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
-                            switch(args.compile, device), args.max_iter, args.tol)
+                            switch(args.compile, device), args.max_iter, args.tol, args.bert_masks)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 

@@ -89,6 +89,10 @@ def main(argv=None):
             raise SystemExit(f"{path} exists: choose another --out or pass --force to overwrite it")
 
     model = IGPT.from_checkpoint(args.ckpt)
+    if model.config.bert:
+        raise SystemExit(f"sample.py: {args.ckpt} is a BERT model, which cannot sample: it predicts masked pixels "
+                         "from the rest of an image and has no order to generate one in. Sample from an "
+                         "autoregressive checkpoint")
     palette = load_palette(args.palette) if args.palette else model.palette
     if palette is None:
         raise SystemExit(f"{args.ckpt} holds no palette: give one with --palette kmeans_centers.npy")

@@ -8,6 +8,7 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
     python train.py --resume --out out                                  # continue exactly where it stopped
     python train.py --eval_only --ckpt igpt_s.pt --data downloads/imagenet --eval_split te
     python train.py --ckpt igpt_s.pt --clf --data data/cifar10          # fine-tune: classifier + generative loss
+    python train.py --bert --data data/cifar10                          # pretrain with the BERT objective
 
 Every option, its default and its meaning: python train.py --help. A config file holds `name = value` lines
 (Python literals), read without running any code.
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import SWITCH, argument_parser, resolve_device, switch
 from data import load_tokens
-from igpt import IGPT, PRESETS, IGPTConfig, load_checkpoint, save_checkpoint
+from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint
 from palette import find_palette, load_palette
 
 
@@ -51,6 +52,8 @@ class TrainConfig:
     ckpt: str = ""                  # start from this checkpoint's weights (ours or converted originals)
     clf: bool = False               # fine-tune: classifier on mean-pooled final features + generative loss
     gen_weight: float = 1.0         # with --clf, loss = clf_loss + gen_weight * gen_loss
+    bert: bool = False              # the BERT objective: predict masked pixels with attention both ways
+    bert_mask_prob: float = 0.0     # > 0 sets BERT's share of masked positions (else --ckpt's, or 0.15)
     # optimisation: the paper's recipe (Adam 0.9/0.95, no weight decay, warmup then cosine to 0)
     batch_size: int = 64            # images per optimizer step, over all GPUs and accumulation steps
     micro_batch_size: int = 32      # images per forward pass on one GPU
@@ -176,19 +179,40 @@ def get_micro_batch(X, indices, n_px, flip_mask, device):
     x[order] = X[indices[order]]
     if flip_mask is not None and flip_mask.any():
         x[flip_mask] = x[flip_mask].reshape(-1, n_px, n_px)[:, :, ::-1].reshape(-1, n_px * n_px)
-    x = torch.from_numpy(x)
+    return to_device(torch.from_numpy(x), device)
+
+
+def to_device(x, device):
+    """A host tensor on the device, copied from pinned memory so the copy does not wait for the GPU."""
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x
 
 
+def training_masks(config, seed, step, batch_size):
+    """The BERT masks of one step's global batch (bool [batch_size, T], True = masked), drawn on the host from
+    (seed, step): every process slices the same masks, so a run masks alike on any number of processes and a
+    resumed one as it would have."""
+    if not config.bert:
+        return None
+    draw = np.random.default_rng([seed, step, 2]).random((batch_size, config.block_size))
+    return torch.from_numpy(draw < config.bert_mask_prob)
+
+
 # ---- model ----
 
 def build_model(cfg, n_px, n_vocab, n_classes):
-    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights."""
+    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights (its objective with it)."""
+    mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
     if cfg.ckpt:
         ckpt = load_checkpoint(cfg.ckpt)
-        mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"]})
+        mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"],
+                              **mask_prob})
+        if cfg.bert and not mconf.bert:
+            raise SystemExit(f"--bert: {cfg.ckpt} is an autoregressive model; a BERT run starts from a BERT "
+                             "checkpoint (convert.py --download SIZE --bert) or from scratch")
+        if mask_prob and not mconf.bert:
+            raise SystemExit(f"--bert_mask_prob is for BERT models, and {cfg.ckpt} is an autoregressive one")
         if mconf.n_px != n_px:
             raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
                              f"{n_px}x{n_px}")
@@ -201,8 +225,11 @@ def build_model(cfg, n_px, n_vocab, n_classes):
         return model, ckpt.get("palette")
     if cfg.model not in PRESETS:
         raise SystemExit(f"--model {cfg.model!r} is not one of {sorted(PRESETS)}")
+    if mask_prob and not cfg.bert:
+        raise SystemExit("--bert_mask_prob is for BERT models: add --bert")
     sizes = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
-    return IGPT(IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, **sizes)), None
+    return IGPT(IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, bert=cfg.bert,
+                           **mask_prob, **sizes)), None
 
 
 class FineTuneLoss(nn.Module):
@@ -214,8 +241,8 @@ class FineTuneLoss(nn.Module):
         super().__init__()
         self.model, self.gen_weight = model, gen_weight
 
-    def forward(self, tokens, labels):
-        clf_logits, gen_loss = self.model.classify(tokens)
+    def forward(self, tokens, labels, mask=None):
+        clf_logits, gen_loss = self.model.classify(tokens, mask)
         return F.cross_entropy(clf_logits, labels) + self.gen_weight * gen_loss
 
 
@@ -230,20 +257,22 @@ def lr_at(step, cfg):
 @torch.no_grad()
 def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, max_images=0):
     """Mean generative loss in nats per token over the split (this rank's share, summed over ranks), and the
-    classification accuracy when the model has a classifier and labels are given."""
+    classification accuracy when the model has a classifier and labels are given. A BERT model reads each image
+    under its fixed_mask, the same in every run, so validation losses compare between runs."""
     model.eval()
     n = len(X) if not max_images else min(max_images, len(X))
     loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
     for start in range(rank * micro_batch_size, n, world * micro_batch_size):
         idx = np.arange(start, min(start + micro_batch_size, n))
         x = get_micro_batch(X, idx, 0, None, device)
+        mask = to_device(fixed_mask(idx, model.config), device) if model.config.bert else None
         with autocast:
             if model.clf is not None and Y is not None:
-                clf_logits, loss = model.classify(x)
+                clf_logits, loss = model.classify(x, mask)
                 y = torch.as_tensor(np.asarray(Y[idx]), device=device)
                 loss_sum[1] += (clf_logits.argmax(-1) == y).sum()
             else:
-                loss = model(x)[1]
+                loss = model(x, mask=mask)[1]
         loss_sum[0] += loss.double() * len(idx)
         loss_sum[2] += len(idx)
     if world > 1:
@@ -336,7 +365,8 @@ def main(argv=None):
     if cfg.eval_only:
         loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                              cfg.eval_images)
-        log(f"{cfg.eval_split} loss {loss:.4f} nats per token" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        per = "masked token (fixed masks)" if model.config.bert else "token"
+        log(f"{cfg.eval_split} loss {loss:.4f} nats per {per}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
         if world > 1:  # evaluate's all_reduce already brought the ranks together
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
@@ -396,17 +426,19 @@ def main(argv=None):
             group["lr"] = lr
         indices = batches.next()
         flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
+        masks = training_masks(raw_model.config, cfg.seed, step, cfg.batch_size)
         loss_acc = torch.zeros((), device=device)
         for micro in range(accum):
             part = slice((micro * world + rank) * cfg.micro_batch_size,
                          (micro * world + rank + 1) * cfg.micro_batch_size)
             x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
+            mask = None if masks is None else to_device(masks[part], device)
             sync = micro == accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 if cfg.clf:
-                    loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device))
+                    loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device), mask)
                 else:
-                    loss = model(x)[1]
+                    loss = model(x, mask=mask)[1]
                 (loss / accum).backward()
             loss_acc += loss.detach() / accum
         if world > 1:

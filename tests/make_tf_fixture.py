@@ -2,7 +2,10 @@
 (through tests/tf_fixtures.py). Not run by CI; regenerate with
 
     python3 -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu numpy    # was: tensorflow-cpu 2.21.0
-    TF_ENABLE_ONEDNN_OPTS=0 /tmp/tfenv/bin/python tests/make_tf_fixture.py
+    TF_ENABLE_ONEDNN_OPTS=0 /tmp/tfenv/bin/python tests/make_tf_fixture.py [autoregressive] [bert] [partitioned]
+
+(no names: all three). A fixture rewritten differs from the committed one in the last bits of its floats (TensorFlow's
+sums are not bitwise reproducible), so rewrite only the one that changes.
 
 It writes, under tests/fixtures/:
 - tf/model.ckpt-1000000.index and .data-0000{0,1,2}-of-00003: a tiny iGPT (n_px 5, 16 colours, n_embd 16,
@@ -12,10 +15,16 @@ It writes, under tests/fixtures/:
   variables of other dtypes under extra/;
 - tf_golden.npz: input tokens, the logits of a forward pass of the original math written in TensorFlow below,
   the classifier logits, and the values of the extra/ variables;
+- tf_bert/model.ckpt-1000000.*: the same tiny model trained with the BERT objective, laid out like the release's
+  igpt-*-bert checkpoints (no model/sos and no classifier; sharded, with Adam slots, after two Adam steps of the
+  original's BERT loss on random masks), and tf_bert_golden.npz: tokens, a fixed mask (True = masked) with a
+  different number of masked positions in each image, and the logits and loss of TensorFlow's forward pass of the
+  original BERT math under that mask;
 - tf_partitioned/model.ckpt.*: a checkpoint holding a partitioned variable, which the reader must refuse.
 """
 import os
 import shutil
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -34,13 +43,15 @@ def gain():
     return tf1.random_normal_initializer(mean=1.0, stddev=0.2)
 
 
-def make_variables():
-    """The release's variable names and shapes; layer 0 on one CPU, the rest on another, so there are two shards."""
+def make_variables(bert=False):
+    """The release's variable names and shapes; layer 0 on one CPU, the rest on another, so there are two shards.
+    bert: the BERT models' set, without sos and without the classifier."""
     v = {}
     with tf1.variable_scope("model"), tf.device("/cpu:0"):
         v["wte"] = tf1.get_variable("wte", [N_VOCAB, N_EMBD], initializer=normal(0.5))
         v["wpe"] = tf1.get_variable("wpe", [T, N_EMBD], initializer=normal(0.3))
-        v["sos"] = tf1.get_variable("sos", [N_EMBD], initializer=normal(0.5))
+        if not bert:
+            v["sos"] = tf1.get_variable("sos", [N_EMBD], initializer=normal(0.5))
         v["wtet"] = tf1.get_variable("wtet", [N_VOCAB, N_EMBD], initializer=normal(0.5))
         for i in range(N_LAYER):
             with tf1.variable_scope(f"h{i}"), tf.device(f"/cpu:{min(i, 1)}"):
@@ -54,19 +65,26 @@ def make_variables():
                                                            initializer=normal(0.2))
         with tf.device("/cpu:1"):
             v["ln_f/g"] = tf1.get_variable("ln_f/g", [N_EMBD], initializer=gain())
-            v["clf/wclf"] = tf1.get_variable("clf/wclf", [N_CLASSES, N_EMBD], initializer=normal(0.5))
+            if not bert:
+                v["clf/wclf"] = tf1.get_variable("clf/wclf", [N_CLASSES, N_EMBD], initializer=normal(0.5))
     return v
 
 
-def forward(v, X):
-    """The original model's math: gain-only norm, per-head projection tensors, x*sigmoid(1.702x), sos shift."""
+def forward(v, X, keep=None):
+    """The original model's math: gain-only norm, per-head projection tensors, x*sigmoid(1.702x), sos shift; or
+    with keep (float [B, T], 0 at the masked positions, the original's M) its BERT math: the token embeddings
+    multiplied by keep, no sos, no causal mask."""
     def norm(x, g):
         return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-5) * g
 
     B = X.shape[0]
     h = tf.gather(v["wte"], X)
-    h = tf.concat([tf.ones([B, 1, N_EMBD]) * v["sos"], h[:, :-1]], axis=1) + v["wpe"][None]
-    causal = tf.linalg.band_part(tf.ones([T, T]), -1, 0)
+    if keep is None:
+        h = tf.concat([tf.ones([B, 1, N_EMBD]) * v["sos"], h[:, :-1]], axis=1) + v["wpe"][None]
+        causal = tf.linalg.band_part(tf.ones([T, T]), -1, 0)
+    else:
+        h = h * keep[:, :, None] + v["wpe"][None]
+        causal = tf.ones([T, T])
     for i in range(N_LAYER):
         x = norm(h, v[f"h{i}/ln_1/g"])
         q, k, val = (tf.einsum("bsf,hef->bhse", x, v[f"h{i}/attn/{p}"]) for p in ("q_proj", "k_proj", "v_proj"))
@@ -77,8 +95,17 @@ def forward(v, X):
         h = h + tf.einsum("bsn,nf->bsf", m * tf.sigmoid(1.702 * m), v[f"h{i}/mlp/c_proj/w"])
     h = norm(h, v["ln_f/g"])
     gen_logits = tf.einsum("bsf,vf->bsv", h, v["wtet"])
+    if keep is not None:
+        return gen_logits, None
     clf_logits = tf.matmul(tf.reduce_mean(h, axis=1), v["clf/wclf"], transpose_b=True)
     return gen_logits, clf_logits
+
+
+def bert_loss(X, gen_logits, keep):
+    """The original's BERT loss: cross-entropy at the masked positions, averaged per image, then over images."""
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=X, logits=gen_logits)
+    masked = 1.0 - keep
+    return tf.reduce_mean(tf.reduce_sum(ce * masked, axis=1) / tf.reduce_sum(masked, axis=1))
 
 
 def fresh(folder):
@@ -121,6 +148,37 @@ def write_model():
     print("wrote", prefix, sorted(os.listdir(os.path.dirname(prefix))))
 
 
+def write_bert_model():
+    rng = np.random.RandomState(3)  # a seed whose mask hides 4, 6 and 1 positions
+    X = rng.randint(0, N_VOCAB, size=(3, T)).astype(np.int64)
+    mask = rng.uniform(size=(3, T)) <= 0.15  # the original keeps the positions whose uniform draw exceeds 0.15
+    mask[:, 0] = True
+    assert len(set(mask.sum(1))) == 3, "the fixed mask should hide a different number of positions in each image"
+    graph = tf.Graph()
+    with graph.as_default():
+        tf1.set_random_seed(3)
+        v = make_variables(bert=True)
+        step = tf1.train.get_or_create_global_step()
+        X_tf = tf.constant(X)
+        random_keep = tf.cast(tf.greater(tf1.random.uniform([3, T]), 0.15), tf.float32)  # as in training
+        train = tf1.train.AdamOptimizer(1e-2).minimize(bert_loss(X_tf, forward(v, X_tf, random_keep)[0], random_keep),
+                                                        global_step=step)
+        keep = tf.constant((~mask).astype(np.float32))
+        gen_logits = forward(v, X_tf, keep)[0]
+        loss = bert_loss(X_tf, gen_logits, keep)
+        saver = tf1.train.Saver(sharded=True)
+        with tf1.Session(graph=graph, config=tf1.ConfigProto(device_count={"CPU": 2})) as sess:
+            sess.run(tf1.global_variables_initializer())
+            for _ in range(2):
+                sess.run(train)
+            logits, loss_value = sess.run([gen_logits, loss])
+            prefix = saver.save(sess, os.path.join(fresh(os.path.join(HERE, "tf_bert")), "model.ckpt-1000000"),
+                                write_meta_graph=False)
+    os.remove(os.path.join(HERE, "tf_bert", "checkpoint"))
+    np.savez(os.path.join(HERE, "tf_bert_golden.npz"), tokens=X, mask=mask, logits=logits, loss=loss_value)
+    print("wrote", prefix, sorted(os.listdir(os.path.dirname(prefix))))
+
+
 def write_partitioned():
     graph = tf.Graph()
     with graph.as_default():
@@ -137,5 +195,6 @@ def write_partitioned():
 
 if __name__ == "__main__":
     tf1.disable_eager_execution()
-    write_model()
-    write_partitioned()
+    writers = {"autoregressive": write_model, "bert": write_bert_model, "partitioned": write_partitioned}
+    for name in sys.argv[1:] or writers:
+        writers[name]()

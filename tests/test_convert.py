@@ -13,7 +13,7 @@ import convert
 from convert import hf_to_igpt, igpt_to_hf, main, tf_to_igpt
 from igpt import IGPT, IGPTConfig, save_checkpoint
 from tf_checkpoint import TFCheckpoint
-from tf_fixtures import GOLDEN, PREFIX
+from tf_fixtures import BERT_GOLDEN, BERT_PREFIX, GOLDEN, PREFIX
 from tiny import TINY, tiny_model, tokens
 
 
@@ -32,6 +32,19 @@ def test_converted_logits_match_tensorflow():
     with torch.no_grad():
         close(model(x)[0], GOLDEN["logits"])
         close(model.classify(x)[0], GOLDEN["clf_logits"])
+
+
+def test_a_converted_bert_checkpoint_matches_tensorflows_logits_and_loss(tmp_path, capsys):
+    out = tmp_path / "bert.pt"
+    main([str(BERT_PREFIX), "--out", str(out)])
+    assert "model/sos is absent: a BERT model" in capsys.readouterr().err
+    model = IGPT.from_checkpoint(out)
+    assert model.config == IGPTConfig(n_px=5, n_vocab=16, n_embd=16, n_head=2, n_layer=2, bert=True)
+    x, mask = torch.from_numpy(BERT_GOLDEN["tokens"]), torch.from_numpy(BERT_GOLDEN["mask"])
+    with torch.no_grad():
+        logits, loss = model(x, mask=mask)
+    close(logits, BERT_GOLDEN["logits"])
+    assert loss.item() == pytest.approx(BERT_GOLDEN["loss"].item(), abs=1e-5)
 
 
 def test_only_the_model_variables_are_read(monkeypatch):
@@ -83,6 +96,7 @@ def test_cli_writes_a_checkpoint_with_the_palette_and_will_not_overwrite(tmp_pat
     ([str(PREFIX), "--hf", "x"], "give exactly one of"),
     ([str(PREFIX)], "--out is required"),
     ([str(PREFIX), "--out", "x.pt", "--palette"], "--palette needs a path"),
+    ([str(PREFIX), "--out", "x.pt", "--bert"], "--bert picks the model --download fetches"),
 ])
 def test_cli_argument_errors_name_the_fix(args, message, capsys):
     with pytest.raises(SystemExit):
@@ -94,8 +108,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--out", "--palette", "--force", "--download", "--step", "--dir", "--dataset", "--base_url",
-                   "--hf", "--to_hf"):
+    for option in ("--out", "--palette", "--force", "--download", "--bert", "--step", "--dir", "--dataset",
+                   "--base_url", "--hf", "--to_hf"):
         assert option in text
     assert "(default: 1000000)" in text and f"(default: {convert.BASE_URL})" in text
 
@@ -148,6 +162,13 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         igpt_to_hf(model, tmp_path / "hf")
     torch.testing.assert_close(hf_to_igpt(tmp_path / "hf").state_dict(), model.state_dict())  # round trip
+
+
+def test_hf_export_of_a_bert_model_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True))
+    with pytest.raises(ValueError, match="BERT model cannot be exported to Hugging Face"):
+        main(["--to_hf", "--ckpt", str(tmp_path / "bert.pt"), "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
 
 
 def test_hf_pytorch_model_bin_with_old_mask_buffers_is_read(tmp_path):
@@ -253,3 +274,20 @@ def test_download_failure_names_the_url(tmp_path, server):
     with pytest.raises(OSError, match=f"{url}/checkpoints/igpt-m/131000/model.ckpt-131000.index: HTTP 404"):
         main(["--download", "m", "--step", "131000", "--dir", str(tmp_path), "--base_url", url])
     assert not list(tmp_path.iterdir())
+
+
+def test_download_bert_fetches_the_bert_release_into_a_folder_of_its_own(tmp_path, server):
+    url, handler = server
+    for f in BERT_PREFIX.parent.iterdir():
+        handler.files[f"/checkpoints/igpt-s-bert/131000/{f.name.replace('1000000', '131000')}"] = f.read_bytes()
+    folder = tmp_path / "release"
+    folder.mkdir()
+    for f in PREFIX.parent.iterdir():  # the autoregressive model's files, named as the BERT model's are
+        (folder / f.name.replace("1000000", "131000")).write_bytes(f.read_bytes())
+    main(["--download", "s", "--bert", "--step", "131000", "--dir", str(folder), "--base_url", url])
+    assert {path for path, _ in handler.requests} == set(handler.files)
+    model = IGPT.from_checkpoint(folder / "igpt-s-bert-131000.pt")
+    assert model.config.bert
+    x, mask = torch.from_numpy(BERT_GOLDEN["tokens"]), torch.from_numpy(BERT_GOLDEN["mask"])
+    with torch.no_grad():
+        close(model(x, mask=mask)[0], BERT_GOLDEN["logits"])

@@ -94,6 +94,13 @@ def test_asking_for_the_fused_step_where_it_cannot_run_says_why():
         Engine(tiny_model(n_embd=40, n_head=4), fast=True)
 
 
+def test_a_bert_model_is_refused_on_either_path(kernel_device):
+    model = tiny_model(bert=True).to(kernel_device)
+    for fast in (True, False):
+        with pytest.raises(ValueError, match="BERT model cannot generate"):
+            Engine(model, fast=fast, compile=False).generate(num_samples=2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("prime_len", [0, 5])
 def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkeypatch):

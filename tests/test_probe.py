@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from igpt import IGPT, save_checkpoint
-from probe import cache_dir, extract_features, fit_logistic, main, parse_layers, probe_layer, probe_layers, standardise
+from igpt import IGPT, fixed_mask, save_checkpoint
+from probe import (accuracy, cache_dir, extract_features, fit_logistic, main, parse_layers, probe_layer, probe_layers,
+                   standardise)
 from tiny import tiny_model, tokens
 
 
@@ -58,6 +59,19 @@ def test_features_equal_a_hand_computation_whatever_the_batch_size():
         assert f.dtype == torch.float32 and f.shape == (7, 2, 32)
         torch.testing.assert_close(f[:, 0], by_hand[1])
         torch.testing.assert_close(f[:, 1], by_hand[0])
+
+
+def test_a_bert_models_features_read_each_image_under_its_fixed_mask_whatever_the_batch(monkeypatch):
+    model, x = tiny_model(bert=True), tokens(batch=7)
+    expected = model.features(x, [2, 1], mask=fixed_mask(range(7), model.config, seed=(2, 1)))
+    for batch_size in (7, 3):
+        f = extract_features(model, x.numpy(), [2, 1], batch_size=batch_size, device="cpu", mask_seed=(2, 1))
+        torch.testing.assert_close(f, expected)
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the compiled pass pads the last batch, and its mask
+    f = extract_features(model, x.numpy(), [2, 1], batch_size=4, device="cpu", compile=True, mask_seed=(2, 1))
+    torch.testing.assert_close(f, expected)
+    other = extract_features(model, x.numpy(), [2, 1], device="cpu", mask_seed=(2, 2))
+    assert not torch.allclose(other, expected)
 
 
 def test_features_reject_images_of_another_size_and_tokens_outside_the_palette():
@@ -130,13 +144,29 @@ def test_the_C_best_on_validation_is_chosen():
     assert 0.8 < result["test_acc"] <= 1.0
 
 
+def test_accuracy_over_masks_counts_the_modal_prediction_and_breaks_ties_at_random():
+    W, b = torch.eye(3), torch.zeros(3)
+    views = {"0": [0, 0, 1, 2], "1": [2, 1, 1, 0], "tie": [0, 0, 1, 1]}  # each view's predicted class
+    X = torch.cat([predicted_as(views[kind]).repeat(1, n, 1) for kind, n in (("0", 10), ("1", 10), ("tie", 400))], 1)
+    y_tie_first = torch.tensor([0] * 10 + [1] * 10 + [0] * 400)
+    assert 0.4 < accuracy(W, b, X, y_tie_first) < 0.6  # 20 right, and about half of the 400 ties go to 0
+    assert accuracy(W, b, X, torch.tensor([0] * 10 + [1] * 10 + [2] * 400)) == pytest.approx(20 / 420)  # never 2
+    assert accuracy(W, b, X, y_tie_first) == accuracy(W, b, X, y_tie_first)  # the same draw on every call
+    assert accuracy(W, b, X[0], y_tie_first) == pytest.approx(410 / 420)  # one view: no vote
+
+
+def predicted_as(classes):
+    """[K, 1, 3] features of one image whose view k is predicted as classes[k] by the identity probe."""
+    return torch.eye(3)[classes][:, None]
+
+
 # ---- the feature cache ----
 
 def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tmp_path, monkeypatch):
     calls = []
     features = IGPT.features
-    monkeypatch.setattr(IGPT, "features", lambda self, x, layers: calls.append(list(layers)) or
-                        features(self, x, layers))
+    monkeypatch.setattr(IGPT, "features", lambda self, x, layers, mask=None: calls.append(list(layers)) or
+                        features(self, x, layers, mask))
     write_data(tmp_path / "d")
     ckpt, other = str(tmp_path / "m.pt"), str(tmp_path / "other.pt")
     save_checkpoint(ckpt, tiny_model(seed=0))
@@ -179,6 +209,34 @@ def test_cli_writes_the_table_and_the_plot(run, tmp_path, capsys):
     img = Image.open(tmp_path / "out" / "probe.png")
     colors = {c for _, c in img.getcolors(1 << 16)}
     assert img.size == (640, 400) and {(0, 0, 255), (128, 128, 128), (0, 0, 0)} <= colors  # test, val, axes
+
+
+def test_cli_probes_a_bert_model_under_fixed_masks_and_votes_over_them(tmp_path):
+    save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True))
+    write_data(tmp_path / "d")
+    main(["--ckpt", str(tmp_path / "bert.pt"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"),
+          "--device", "cpu", "--Cs", "0.1,1", "--layers", "2", "--bert_masks", "3"])
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    model = IGPT.from_checkpoint(tmp_path / "bert.pt")
+    sets = []
+    for s, split in enumerate(("tr", "va", "te")):  # by hand: one mask a training image, three for va and te
+        X, y = np.load(tmp_path / f"d_{split}X.npy"), np.load(tmp_path / f"d_{split}Y.npy")
+        views = [model.features(torch.from_numpy(X.astype(np.int64)), [2],
+                                mask=fixed_mask(range(len(X)), model.config, seed=(s, k)))[:, 0]
+                 for k in range(1 if split == "tr" else 3)]
+        sets.append((views[0] if split == "tr" else torch.stack(views), torch.from_numpy(y)))
+    expected = probe_layer(*sets, [0.1, 1.0], device="cpu")
+    assert report["bert_masks"] == 3 and report["rows"] == [{"layer": 2, **expected}]
+    cached = sorted(p.name for p in next((tmp_path / "out" / "features").iterdir()).glob("*.npy"))
+    assert cached == ["te_layer002_mask0.npy", "te_layer002_mask1.npy", "te_layer002_mask2.npy",
+                      "tr_layer002_mask0.npy",
+                      "va_layer002_mask0.npy", "va_layer002_mask1.npy", "va_layer002_mask2.npy"]
+
+
+def test_cli_refuses_several_masks_for_an_autoregressive_model(run, capsys):
+    with pytest.raises(SystemExit):
+        run("--bert_masks", "2")
+    assert "above 1 only for a BERT model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -94,6 +94,13 @@ def test_a_missing_checkpoint_is_named(tmp_path):
         run("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "a")
 
 
+def test_a_bert_checkpoint_is_refused_with_the_reason(tmp_path):
+    save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True), palette=palette())
+    with pytest.raises(SystemExit, match="BERT model, which cannot sample: .* no order to generate"):
+        run("--ckpt", tmp_path / "bert.pt", "--out", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.pt"]
+
+
 def test_a_checkpoint_without_palette_asks_for_one(tmp_path):
     path = tmp_path / "bare.pt"
     save_checkpoint(path, tiny_model())

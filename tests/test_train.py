@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import quantize
 import train
-from igpt import IGPT, load_checkpoint
+from data import load_tokens
+from igpt import IGPT, IGPTConfig, fixed_mask, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--log_interval", "1", "--warmup_steps", "2",
@@ -46,10 +48,11 @@ def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
     assert final < 0.1 < math.log(16)  # from ln(16) = 2.77 nats to memorised
 
 
-def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", [[], ["--bert"]], ids=["autoregressive", "bert"])
+def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, objective):
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 4, "--max_steps", 8,
-              "--eval_interval", 3, "--flip"]
+              "--eval_interval", 3, "--flip", *objective]
     run(*common, "--out", tmp_path / "whole")
 
     saves = []
@@ -73,7 +76,7 @@ def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-@pytest.mark.parametrize("task", [[], ["--clf"]], ids=["pretraining", "fine-tuning"])
+@pytest.mark.parametrize("task", [[], ["--clf"], ["--bert"]], ids=["pretraining", "fine-tuning", "bert"])
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, task):
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
@@ -114,6 +117,77 @@ def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
         assert losses(out)[1] == pytest.approx(math.log(3) + gen_weight * gen_loss, rel=1e-5)
 
 
+# ---- the BERT objective ----
+
+def test_a_bert_run_on_shapes_predicts_masked_pixels_far_better_than_their_colour_frequencies(tmp_path):
+    prefix = str(tmp_path / "shapes")
+    quantize.main(["shapes", "--test", "shapes", "--num_images", "200", "--n_px", "8", "--k", "8", "--device", "cpu",
+                   "--out", prefix])
+    X, _ = load_tokens(prefix, "tr")
+    p = np.bincount(X.ravel()) / X.size
+    unigram_entropy = -(p[p > 0] * np.log(p[p > 0])).sum()  # the best loss without looking at the image: ~2 nats
+    result = run("--data", prefix, "--out", tmp_path / "o", "--bert", *TINY, "--batch_size", 16,
+                 "--micro_batch_size", 16, "--max_steps", 80, "--eval_interval", 80, "--warmup_steps", 10)
+    assert IGPT.from_checkpoint(tmp_path / "o" / "ckpt.pt").config.bert
+    assert result["va_loss"] < unigram_entropy / 2
+
+
+def test_bert_evaluation_reads_each_image_under_its_fixed_mask(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--bert", "--bert_mask_prob", 0.3, "--batch_size", 8,
+        "--micro_batch_size", 8, "--max_steps", 2, "--eval_interval", 2)
+    model = IGPT.from_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert model.config.bert_mask_prob == 0.3
+    x = torch.from_numpy(np.load(f"{prefix}_vaX.npy").astype(np.int64))
+    with torch.no_grad():
+        expected = model(x, mask=fixed_mask(range(len(x)), model.config))[1].item()
+    for micro_batch_size in (5, 32):  # batches of any size, in another run with another seed: the same masks
+        result = run("--eval_only", "--ckpt", tmp_path / "o" / "ckpt.pt", "--data", prefix, "--micro_batch_size",
+                     micro_batch_size, "--seed", 7)
+        assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fine_tuning_a_bert_model_adds_the_classifier_to_its_masked_loss(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "pre", *TINY, "--bert", "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 2, "--eval_interval", 2)
+    run("--data", prefix, "--out", tmp_path / "ft", "--ckpt", tmp_path / "pre" / "ckpt.pt", "--clf",
+        "--gen_weight", 0.5, "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 1)
+    ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    assert ckpt["config"]["bert"] and ckpt["config"]["n_classes"] == 3
+    # Before any update the classifier is zero (log 3), beside half the BERT loss of the first batch under the
+    # first step's masks.
+    pretrained = IGPT.from_checkpoint(tmp_path / "pre" / "ckpt.pt")
+    first = np.random.default_rng([1337, 0]).permutation(32)[:8]
+    x = torch.from_numpy(np.load(prefix + "_trX.npy")[first].astype(np.int64))
+    with torch.no_grad():
+        gen_loss = pretrained(x, mask=train.training_masks(pretrained.config, 1337, 0, 8))[1].item()
+    assert losses(tmp_path / "ft")[1] == pytest.approx(math.log(3) + 0.5 * gen_loss, rel=1e-5)
+
+
+def test_training_masks_are_drawn_from_the_seed_and_step_at_the_masking_rate():
+    config = IGPTConfig(n_px=8, bert=True, bert_mask_prob=0.2)
+    masks = train.training_masks(config, 1, 5, 300)
+    assert masks.shape == (300, 64) and masks.dtype == torch.bool
+    assert torch.equal(masks, train.training_masks(config, 1, 5, 300))
+    assert not torch.equal(masks, train.training_masks(config, 1, 6, 300))
+    assert abs(masks.float().mean().item() - 0.2) < 0.01
+    assert train.training_masks(IGPTConfig(n_px=8), 1, 5, 300) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bert_mask_prob", "0.2"], "--bert_mask_prob is for BERT models: add --bert"),
+    (["--bert", "--ckpt", "{ar}"], "is an autoregressive model; a BERT run starts from a BERT checkpoint"),
+])
+def test_bert_options_that_do_not_fit_the_model_are_refused(tmp_path, args, message):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "ar", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 1, "--eval_interval", 1)
+    args = [a.format(ar=tmp_path / "ar" / "ckpt.pt") for a in args]
+    with pytest.raises(SystemExit, match=message):
+        run("--data", prefix, "--out", tmp_path / "o", *TINY, *args)
+
+
 def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
     prefix = write_tokens(tmp_path)
     run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
@@ -147,9 +221,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     real_forward = train.IGPT.forward
     calls = []
 
-    def poisoned(self, tokens):  # the third training forward, step 3's, returns a NaN loss
+    def poisoned(self, tokens, mask=None):  # the third training forward, step 3's, returns a NaN loss
         calls.extend([1] if self.training else [])
-        logits, loss = real_forward(self, tokens)
+        logits, loss = real_forward(self, tokens, mask)
         return logits, loss * float("nan") if len(calls) == 3 and self.training else loss
 
     monkeypatch.setattr(train.IGPT, "forward", poisoned)
