@@ -38,8 +38,8 @@ from sample import completions_layout, samples_layout
 MAIN_JOB_CKPT = os.path.join("out", "shapes", "train", "ckpt.pt")  # what `python pipeline.py` trains
 MAX_PIXELS = 50_000_000  # the largest upload decoded: a 50-megapixel photo, 150 MB as RGB
 MAX_UPLOAD = "50mb"  # the largest file the server accepts
-GALLERY = 32  # test images offered on the page
-TILE = 128  # pixels a side of an image on the page: small images are enlarged server-side, not blurred
+GALLERY = 16  # test images offered on the page
+TILE = 192  # pixels a side of an image on the page: small images are enlarged server-side, not blurred
 
 
 # ---- the demo without the page ----
@@ -53,9 +53,9 @@ def read_image(path, n_px, max_pixels=MAX_PIXELS):
         image = Image.open(path)  # reads the header only
     except Image.DecompressionBombError:
         raise ValueError(f"{name} is too large to decode: upload a smaller image") from None
-    except Exception as e:
-        raise ValueError(f"{name} is not an image this demo can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...): "
-                         f"{e}") from None
+    except Exception:  # PIL identified no format in it (its message names only the file)
+        raise ValueError(f"{name} is not an image this demo can read: upload a PNG, JPEG, GIF, BMP, TIFF or WebP "
+                         "file") from None
     with image:
         w, h = image.size
         if w * h > max_pixels:
@@ -268,14 +268,16 @@ def build_app(engine, palette, test_tokens, max_images):
                     f"sees {n_px}x{n_px} images in {len(palette)} colours.")
         prime = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=1):
-                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
+            with gr.Column(scale=4):
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", height=120)
                 if len(test_tokens):
                     gallery = gr.Gallery([page_image(decode(t[None], palette)) for t in test_tokens],
-                                         label="... or pick a test image", columns=8, height="auto",
+                                         label="... or pick a test image", columns=4, height="auto",
                                          allow_preview=False, interactive=False, format="png")
+            with gr.Column(scale=3):
                 primed = gr.Image(label="What the model keeps", format="png", interactive=False)
                 rows_kept = gr.Slider(1, n_px - 1, value=n_px // 2, step=1, label="Rows kept")
+            with gr.Column(scale=3):
                 n = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Completions (or samples)")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                 top_k = gr.Slider(0, len(palette), value=0, step=1, label="Top-k (0: every colour)")
@@ -285,9 +287,8 @@ def build_app(engine, palette, test_tokens, max_images):
                     go = gr.Button("Complete", variant="primary")
                     sample = gr.Button("Sample")
                     cancel = gr.Button("Cancel", variant="stop")
-            with gr.Column(scale=2):
-                result = gr.Image(label="Kept rows | completions | original", format="png", interactive=False)
-                status = gr.Markdown("")
+        result = gr.Image(label="Kept rows | completions | original", format="png", interactive=False)
+        status = gr.Markdown("")
         settings = [rows_kept, n, temperature, top_k, top_p, seed]
         upload.change(on_upload, [upload, rows_kept], [prime, primed])
         if len(test_tokens):
