@@ -33,13 +33,13 @@ from data import load_tokens, to_rgb
 from engine import Engine
 from igpt import IGPT, IGPTConfig, load_checkpoint
 from palette import decode, encode, load_palette
-from sample import completions_layout, samples_layout
+from sample import completions_layout, kept_rows, samples_layout
 
 MAIN_JOB_CKPT = os.path.join("out", "shapes", "train", "ckpt.pt")  # what `python pipeline.py` trains
 MAX_PIXELS = 50_000_000  # the largest upload decoded: a 50-megapixel photo, 150 MB as RGB
 MAX_UPLOAD = "50mb"  # the largest file the server accepts
 GALLERY = 16  # test images offered on the page
-TILE = 192  # pixels a side of an image on the page: small images are enlarged server-side, not blurred
+TILE = 192  # pixels a side of an image on the page, enlarged here pixel by pixel so browsers do not blur it
 
 
 # ---- the demo without the page ----
@@ -120,7 +120,7 @@ def _rows_of(engine, n, prime, settings, generator):
         thread.join()
 
 
-def check_settings(n_px, rows_kept, n, temperature, top_k, top_p, sampling=False):
+def _check_settings(n_px, rows_kept, n, temperature, top_k, top_p, sampling=False):
     """ValueError, with what to choose instead, for settings complete() cannot use."""
     if not sampling and not 1 <= rows_kept < n_px:
         raise ValueError(f"keep between 1 and {n_px - 1} rows of the {n_px}")
@@ -142,7 +142,7 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
     position."""
     model = engine.model
     n_px, T = model.config.n_px, model.config.block_size
-    check_settings(n_px, rows_kept, n, temperature, top_k, top_p, sampling=prime is None)
+    _check_settings(n_px, rows_kept, n, temperature, top_k, top_p, sampling=prime is None)
     original = None
     if prime is not None:
         prime = torch.as_tensor(np.asarray(prime, np.int64).reshape(-1))
@@ -157,8 +157,7 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
         rows = tokens.shape[1] // n_px
         drawn = np.zeros((n, T), np.int64)
         drawn[:, :tokens.shape[1]] = tokens
-        images = decode(drawn, palette)
-        images[:, rows:] = 128  # grey, as the kept image's, where the model has yet to draw
+        images = kept_rows(decode(drawn, palette), rows)
         grid = samples_layout(images) if original is None else completions_layout(original, images[None], rows_kept)
         return rows, grid
 
@@ -177,11 +176,9 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
 def load_model(path, palette_path=""):
     """(model, palette float32 [n_vocab, 3], its training config or {}) from a checkpoint, the palette from
     palette_path when given; SystemExit with the fix for a missing checkpoint or palette."""
-    if not os.path.isfile(path):
-        if path == MAIN_JOB_CKPT:
-            raise SystemExit(f"demo.py: no checkpoint at {path}: train the main job's model with `python pipeline.py` "
-                             "(a few minutes on a CPU), or give one with --ckpt")
-        raise SystemExit(f"demo.py: no checkpoint at {path!r}; for the original release run convert.py first")
+    if path == MAIN_JOB_CKPT and not os.path.isfile(path):
+        raise SystemExit(f"demo.py: no checkpoint at {path}: train the main job's model with `python pipeline.py` "
+                         "(a few minutes on a CPU), or give one with --ckpt")
     try:
         ckpt = load_checkpoint(path)
         model = IGPT.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
@@ -225,9 +222,7 @@ def build_app(engine, palette, test_tokens, max_images):
         return grid_image(grid, scale=scale)
 
     def primed_view(tokens, rows_kept):
-        image = decode(tokens[None], palette)
-        image[:, int(rows_kept):] = 128
-        return page_image(image)
+        return page_image(kept_rows(decode(tokens[None], palette), int(rows_kept)))
 
     def on_upload(path, rows_kept):
         if path is None:

@@ -85,12 +85,17 @@ def samples_layout(images):
     return grid.reshape(-1, cols, h, w, 3)
 
 
+def kept_rows(images, rows):
+    """A copy of images [N, H, W, 3] grey from row `rows` on: where the model has to fill in."""
+    kept = images.copy()
+    kept[:, rows:] = 128
+    return kept
+
+
 def completions_layout(originals, completions, prime_rows):
     """A row per primed image: its kept top prime_rows rows with grey below, its completions, then the original.
     originals [N, H, W, 3] and completions [N, per_image, H, W, 3] -> [N, per_image + 2, H, W, 3]."""
-    kept = originals.copy()
-    kept[:, prime_rows:] = 128  # grey where the model has to fill in
-    return np.concatenate([kept[:, None], completions, originals[:, None]], axis=1)
+    return np.concatenate([kept_rows(originals, prime_rows)[:, None], completions, originals[:, None]], axis=1)
 
 
 def main(argv=None):

@@ -1,6 +1,5 @@
 """demo.py: the completion function behind the page (no Gradio needed), uploads, loading, and the page itself
 when Gradio is installed."""
-import contextlib
 import importlib.util
 import threading
 
@@ -200,6 +199,11 @@ def test_the_missing_main_job_checkpoint_says_how_to_make_it(tmp_path, monkeypat
         demo.load_model(demo.MAIN_JOB_CKPT)
 
 
+def test_another_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"^demo.py: no checkpoint at .*nope.pt"):
+        demo.load_model(str(tmp_path / "nope.pt"))
+
+
 def test_test_images_that_do_not_fit_the_model_are_refused(tmp_path):
     np.save(tmp_path / "d_teX.npy", np.zeros((3, 9), np.uint16))
     with pytest.raises(SystemExit, match=r"its test images are 9 tokens .* the model's 16 tokens in 0..15"):
@@ -232,8 +236,7 @@ def page():
     app.queue(default_concurrency_limit=1)
     _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="1mb")
     try:
-        with contextlib.redirect_stdout(None):
-            yield Client(url, verbose=False)
+        yield Client(url, verbose=False)
     finally:
         app.close()
 
