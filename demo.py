@@ -68,7 +68,8 @@ def read_image(path, n_px, max_pixels=MAX_PIXELS):
 
 
 def image_tokens(image, palette):
-    """uint8 [n_px, n_px, 3] -> its tokens, int64 [n_px*n_px]: the nearest palette colour of each pixel."""
+    """uint8 [n_px, n_px, 3] -> its tokens, int64 [n_px*n_px]: the nearest palette colour of each pixel. On the CPU,
+    so that an upload during a generation makes no GPU call beside a CUDA graph being captured."""
     return encode(np.array(image[None]), palette, device="cpu")[0].astype(np.int64)  # writable, for torch
 
 
