@@ -294,7 +294,9 @@ def build_app(engine, palette, test_tokens, max_images):
         completing = go.click(on_complete, [prime] + settings, [result, status], concurrency_limit=1,
                               concurrency_id="model")
         sampling = sample.click(on_sample, settings, [result, status], concurrency_limit=1, concurrency_id="model")
-        cancel.click(lambda: "cancelled", None, [status], cancels=[completing, sampling])
+        # a toast, not the status line: a row already on its way could arrive after it
+        cancel.click(lambda: gr.Info("Cancelled: the grid keeps the rows drawn so far"), None, None,
+                     cancels=[completing, sampling])
     return app
 
 
