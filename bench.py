@@ -500,7 +500,7 @@ def demo():
     g = lambda: torch.Generator(device=device).manual_seed(0)
     primed = torch.as_tensor(prime[:rows_kept * c.n_px]).repeat(n, 1).to(device)
     tokens = engine.generate(prime=primed, temperature=0.9, generator=g())
-    assert np.array_equal(grid[0, 1:n + 1], decode(tokens.cpu().numpy(), palette)), "the stream's grid is not generate's"
+    assert np.array_equal(grid[0, 1:n + 1], decode(tokens.cpu().numpy(), palette)), "the stream is not generate's"
     out["generate_alone_s"] = timeit(lambda: engine.generate(prime=primed, generator=g()), warmup=1, repeat=3)
 
     def frame():
