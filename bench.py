@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -466,6 +467,75 @@ def sample_throughput():
               f"({seconds:.2f}s a batch)", flush=True)
         del model
         torch.cuda.empty_cache()
+    return out
+
+
+# ---- demo.py: streamed completions ----
+
+def _stream_seconds(engine, palette, prime, rows_kept, n, temperature):
+    """One demo.complete call: (seconds to the first row drawn, seconds to the whole grid, rows seen, last grid)."""
+    import demo
+    sync()
+    t0 = time.perf_counter()
+    first, rows_seen = None, 0
+    for rows, grid in demo.complete(engine, palette, prime, rows_kept, n, temperature=temperature, seed=0):
+        if rows > rows_kept:
+            rows_seen += 1
+            first = first or time.perf_counter() - t0
+    return first, time.perf_counter() - t0, rows_seen, grid
+
+
+@benchmark
+def demo():
+    """demo.py's complete() as the page runs it: iGPT-S (random weights, bf16, the fused step on a GPU), 8
+    completions of the top half of a 32x32 image. Seconds to the first row drawn and to the whole grid: the first
+    call (compile and capture), a warm call, Engine.generate alone (what streaming adds), a first call at a new
+    temperature; the rows that reached the caller (a row is dropped when the next is done first), and the seconds
+    the page takes to draw one frame (demo.TILE pixels an image, PNG). IGPT_BENCH_SMALL=1: 2 layers, 8x8 images,
+    on the CPU, to check it runs."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import demo as page
+    from common import default_device, grid_image
+    from engine import Engine
+    from igpt import IGPT, IGPTConfig
+    from palette import decode
+    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    device = default_device()
+    torch.manual_seed(0)
+    model = IGPT(IGPTConfig.preset("s", **(dict(n_layer=2, n_px=8) if small else {})))
+    torch.nn.init.normal_(model.wtet.weight, std=0.02)
+    model = model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    c = model.config
+    palette = np.random.default_rng(0).uniform(-1, 1, (c.n_vocab, 3)).astype(np.float32)
+    prime = np.random.default_rng(1).integers(0, c.n_vocab, c.block_size)
+    rows_kept, n = c.n_px // 2, 8
+    engine = Engine(model)
+    out = {"path": "fused" if engine.fast else "plain", "rows_drawn": c.n_px - rows_kept}
+    for name, temperature in [("first_call", 1.0), ("warm", 1.0), ("new_temperature", 0.9)]:
+        first, total, rows_seen, grid = _stream_seconds(engine, palette, prime, rows_kept, n, temperature)
+        out[name] = {"first_row_s": first, "total_s": total, "rows_seen": rows_seen}
+        print(f"{name}: first row {first:.3f}s, whole grid {total:.3f}s, {rows_seen} of {c.n_px - rows_kept} rows "
+              "seen", flush=True)
+    g = lambda: torch.Generator(device=device).manual_seed(0)
+    primed = torch.as_tensor(prime[:rows_kept * c.n_px]).repeat(n, 1).to(device)
+    tokens = engine.generate(prime=primed, temperature=0.9, generator=g())
+    assert np.array_equal(grid[0, 1:n + 1], decode(tokens.cpu().numpy(), palette)), "the stream is not generate's"
+
+    def generate_alone():  # in a thread of its own, as complete() runs it, so only the streaming differs
+        thread = threading.Thread(target=lambda: engine.generate(prime=primed, generator=g()))
+        thread.start()
+        thread.join()
+    out["generate_alone_s"] = timeit(generate_alone, warmup=1, repeat=3)
+
+    def frame():
+        Image.fromarray(grid_image(grid, scale=max(1, page.TILE // c.n_px))).save(io.BytesIO(), format="PNG")
+    out["page_frame_s"] = timeit(frame, warmup=1, repeat=5)
+    print(f"Engine.generate alone: {out['generate_alone_s']:.3f}s; one frame of the page: "
+          f"{out['page_frame_s'] * 1e3:.1f} ms ({out['path']} path)", flush=True)
     return out
 
 

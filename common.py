@@ -91,17 +91,22 @@ def atomic_write(path, write):
         raise
 
 
-def save_grid(images, path, pad=2, scale=1):
-    """uint8 images [rows, cols, H, W, 3] (or [N, H, W, 3], one row) -> one PNG, white between and around them,
-    each pixel drawn `scale` times as wide and high."""
+def grid_image(images, pad=2, scale=1):
+    """uint8 images [rows, cols, H, W, 3] (or [N, H, W, 3], one row) -> one uint8 picture [height, width, 3], white
+    between and around them, each pixel drawn `scale` times as wide and high."""
     images = np.asarray(images, np.uint8)
     if images.ndim == 4:
         images = images[None]
     if images.ndim != 5 or images.shape[-1] != 3:
-        raise ValueError(f"save_grid expects images [rows, cols, H, W, 3], got {list(images.shape)}")
+        raise ValueError(f"a grid takes images [rows, cols, H, W, 3], got {list(images.shape)}")
     images = images.repeat(scale, 2).repeat(scale, 3)
     rows, cols, h, w, _ = images.shape
     tiles = np.pad(images, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)), constant_values=255)
     grid = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * (h + pad), cols * (w + pad), 3)
-    grid = np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
+    return np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
+
+
+def save_grid(images, path, pad=2, scale=1):
+    """grid_image(images, pad, scale) written atomically as a PNG."""
+    grid = grid_image(images, pad, scale)
     atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))

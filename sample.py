@@ -76,6 +76,28 @@ def load_prime(source, palette, n_px, n_vocab, count):
     return encode(images[:count], palette).astype(np.int64)
 
 
+def samples_layout(images):
+    """Images [N, H, W, 3] in rows of ceil(sqrt(N)), black tiles after the last: [rows, cols, H, W, 3]."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    grid = np.zeros((math.ceil(n / cols) * cols, h, w, 3), dtype=np.uint8)
+    grid[:n] = images
+    return grid.reshape(-1, cols, h, w, 3)
+
+
+def kept_rows(images, rows):
+    """A copy of images [N, H, W, 3] grey from row `rows` on: where the model has to fill in."""
+    kept = images.copy()
+    kept[:, rows:] = 128
+    return kept
+
+
+def completions_layout(originals, completions, prime_rows):
+    """A row per primed image: its kept top prime_rows rows with grey below, its completions, then the original.
+    originals [N, H, W, 3] and completions [N, per_image, H, W, 3] -> [N, per_image + 2, H, W, 3]."""
+    return np.concatenate([kept_rows(originals, prime_rows)[:, None], completions, originals[:, None]], axis=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -145,15 +167,10 @@ def main(argv=None):
 
     images = decode(tokens, palette)
     if prime is None:
-        cols = math.ceil(math.sqrt(total))
-        grid = np.zeros((math.ceil(total / cols) * cols, n_px, n_px, 3), dtype=np.uint8)
-        grid[:total] = images
-        grid = grid.reshape(-1, cols, n_px, n_px, 3)
+        grid = samples_layout(images)
     else:
-        kept = decode(originals, palette)
-        kept[:, prime_rows:] = 128  # grey where the model has to fill in
-        completions = images.reshape(len(originals), per_image, n_px, n_px, 3)
-        grid = np.concatenate([kept[:, None], completions, decode(originals, palette)[:, None]], axis=1)
+        grid = completions_layout(decode(originals, palette), images.reshape(len(originals), per_image, n_px, n_px, 3),
+                                  prime_rows)
     save_grid(grid, png, scale=args.scale)
     save_npy(npy, tokens)
     print(f"wrote {png} and {npy}")

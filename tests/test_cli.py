@@ -9,7 +9,7 @@ import torch
 import common
 import train
 
-SCRIPTS = ["quantize", "train", "sample", "probe", "convert", "pipeline"]
+SCRIPTS = ["quantize", "train", "sample", "probe", "convert", "pipeline", "demo"]
 
 
 def parser_of(name, monkeypatch, capsys):
