@@ -44,7 +44,7 @@ class TrainConfig:
     palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
     flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
     # model
-    model: str = "s"                # size preset: s, m, l
+    model: str = "s"                # size preset: s, m, l, xl
     n_layer: int = 0                # > 0 overrides the preset
     n_embd: int = 0
     n_head: int = 0
