@@ -362,6 +362,9 @@ def save_checkpoint(path, model=None, palette=None, **extra):
 
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint written by save_checkpoint, with weights_only=True (no code runs from the file)."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path!r} is the folder of a sharded checkpoint (train.py --fsdp); make it one file with: "
+                         f"python convert.py --from_dcp {path} --out model.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; for the original TF release run convert.py first")
     try:

@@ -386,7 +386,7 @@ def main(argv=None):
             check_tokens(X, name, n_vocab, model.config.block_size)
     if resume_state is not None and not cfg.fsdp:
         model.load_state_dict(resume_state["model"])
-    if not cfg.fsdp:  # parallel.shard moves each block to the GPU as it shards it, never the whole model at once
+    if not cfg.fsdp or cfg.eval_only:  # parallel.shard moves each block to the GPU as it shards it
         model.to(device)
     log(f"model: {model.get_num_params():,} parameters, {model.config}")
 
@@ -427,7 +427,7 @@ def main(argv=None):
         torch.set_rng_state(resume_state["rng"]["cpu"])
         if use_cuda and "cuda" in resume_state["rng"]:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
-        log(f"resumed from {ckpt_path} at step {step}")
+        log(f"resumed from {resume_path} at step {step}")
 
     if cfg.clf:
         model = FineTuneLoss(model, cfg.gen_weight)
@@ -457,8 +457,10 @@ def main(argv=None):
         elif master:
             save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), **state)
         other = os.path.join(cfg.out, "ckpt.pt" if cfg.fsdp else "ckpt.dcp")
-        if master and os.path.exists(other):  # of the run this one started over with --force
-            shutil.rmtree(other) if os.path.isdir(other) else os.remove(other)
+        if master and os.path.isdir(other):  # the checkpoint of the run this one started over with --force
+            shutil.rmtree(other)
+        elif master and os.path.exists(other):
+            os.remove(other)
 
     log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
         f"per step, {device}, compile={do_compile}, flips={cfg.flip}")

@@ -160,6 +160,18 @@ def test_a_sharded_run_is_resumed_only_sharded(tmp_path):
         run("--resume", "--out", tmp_path / "o", "--no-fsdp", "--max_steps", 2)
 
 
+def test_eval_only_reads_a_sharded_checkpoint(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 2, "--eval_interval", 2, "--fsdp", "--device", "cpu")
+    result = run("--eval_only", "--resume", "--out", tmp_path / "o", "--micro_batch_size", 5)
+    weights = parallel.load_weights(str(tmp_path / "o" / "ckpt.dcp"))
+    model = IGPT.from_state_dict(IGPTConfig(**weights["config"]), weights["model"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.load(f"{prefix}_vaX.npy").astype(np.int64)))[1].item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_run_started_over_in_the_other_kind_replaces_the_old_checkpoint(tmp_path):
     prefix = write_tokens(tmp_path)
     args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
