@@ -197,6 +197,16 @@ def test_dry_run_prints_the_memory_a_gpu_needs_without_data_and_stops(tmp_path, 
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("n_px", [48, 64])
+def test_images_of_48_and_64_pixels_train_with_checkpointed_activations(tmp_path, n_px):
+    prefix = write_tokens(tmp_path, n=4, n_px=n_px)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 2, "--micro_batch_size", 2,
+        "--max_steps", 1, "--eval_interval", 1, "--eval_images", 2, "--activation_checkpointing")
+    ckpt = load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["config"]["n_px"] == n_px and ckpt["model"]["wpe.weight"].shape[0] == n_px * n_px
+    assert losses(tmp_path / "o")[1] == pytest.approx(math.log(16))  # the zero head's uniform guess at every pixel
+
+
 def test_n_px_other_than_the_datas_is_a_clear_error(tmp_path):
     prefix = write_tokens(tmp_path)
     with pytest.raises(SystemExit, match="--n_px 8, but .* holds 4x4 images"):
