@@ -11,7 +11,8 @@ one shard per GPU along its first dimension, so each GPU keeps 16/N bytes a para
 unit of its own and the root (embeddings, final norm, heads) a last one. Before a block runs, forward or backward,
 its shards are all-gathered into whole weights, in bf16 (MixedPrecisionPolicy's param_dtype), and freed after it;
 its gradients are reduce-scattered back onto the shards in fp32 (reduce_dtype), where the optimizer steps. The root
-is gathered in fp32, so the residual stream stays fp32 as it is under DDP's autocast. The parameters become
+is gathered in fp32 and the blocks' inputs are not cast, so the residual stream stays fp32 as it is under DDP's
+autocast. The parameters become
 DTensors: AdamW and clip_grad_norm_ work on them unchanged, the norm taken over every shard.
 
 Activation checkpointing (checkpoint_blocks) keeps only each block's input for the backward and runs the block's
@@ -70,7 +71,8 @@ def shard(model, device, param_dtype=None, compile=False):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    in_blocks = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # the blocks' inputs are not cast: the residual stream stays fp32, each product casts under autocast
+    in_blocks = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(model.h):
         if compile:  # a graph per block, FSDP's gathers between them; every block runs the same code, compiled once
             block = torch.compile(block)

@@ -30,6 +30,22 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_their_nam
         torch.testing.assert_close(g, grads[name.replace("_checkpoint_wrapped_module.", "")], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU autocast keeps the norm in bf16
+def test_blocks_gathered_in_bf16_keep_the_residual_stream_in_fp32():
+    model, dtypes = tiny_model().train(), []
+    for block in model.h:
+        block.register_forward_hook(lambda module, inputs, output: dtypes.extend([inputs[0].dtype, output.dtype]))
+    try:
+        parallel.shard(model, torch.device("cpu"), param_dtype=torch.bfloat16)  # a process group of one
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens())[1].backward()
+        assert dtypes == [torch.float32] * 4
+        weight = model.h[0].attn.c_attn.weight
+        assert isinstance(weight, torch.distributed.tensor.DTensor) and weight.grad.dtype == torch.float32
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ---- sharded checkpoints (one process: DCP runs without a process group) ----
 
 def trained(seed):
