@@ -13,6 +13,8 @@ import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -363,6 +365,117 @@ def train_bert():
     print(f"BERT trains at {out['bert_over_autoregressive_images_per_s']:.2f}x the autoregressive images/s",
           flush=True)
     return out
+
+
+# ---- parallel.py: past one GPU's memory ----
+
+SMALL_SIZES = dict(n_layer=2, n_embd=64, n_head=4)  # the presets shrunk for IGPT_BENCH_SMALL=1's smoke runs
+
+
+def _small():
+    return os.environ.get("IGPT_BENCH_SMALL") == "1"
+
+
+def _train_py_memory(size, n_px, micro_batch_size, options, steps=8, warmup=3):
+    """train.py in a process of its own (an out-of-memory error and the compiled code stay there) on random tokens,
+    micro_batch_size images a step, stopped after `steps` logged steps, before it would evaluate or save. Its memory
+    check is skipped, so that the GPU and not the estimate says what fits. Returns the peak memory (the log's
+    max_memory_gb; None on the CPU) and the median images/s after `warmup` steps, or None when it ran out of
+    memory. IGPT_BENCH_SMALL=1: the preset shrunk to SMALL_SIZES."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix, out = _random_token_files(tmp, 2 * micro_batch_size, n_px), os.path.join(tmp, "out")
+        argv = ["--data", prefix, "--out", out, "--model", size, "--batch_size", str(micro_batch_size),
+                "--micro_batch_size", str(micro_batch_size), "--max_steps", "1000000", "--eval_interval", "1000000",
+                "--warmup_steps", "2", "--log_interval", "1", *options,
+                *[str(a) for k, v in SMALL_SIZES.items() if _small() for a in (f"--{k}", v)]]
+        code = "import sys, train; train.check_memory = lambda *a: None; train.main(sys.argv[1:])"
+        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
+            run = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=stderr,
+                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            for line in run.stdout:
+                if line.startswith(f"step {steps + 1}:"):  # the records of the first `steps` are in the log
+                    break
+            run.kill()
+            run.wait()
+            stderr.seek(0)
+            errors = stderr.read()
+        log = os.path.join(out, "log.jsonl")
+        records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    timed = [r for r in records if r["step"] > warmup]
+    if len(timed) < steps - warmup:
+        if "out of memory" in errors:
+            return None
+        raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{errors[-3000:]}")
+    return {"micro_batch_size": micro_batch_size, "max_memory_gb": timed[-1]["max_memory_gb"],
+            "images_per_s": statistics.median(r["images_per_s"] for r in timed)}
+
+
+def _estimated_largest(config, options, capacity):
+    """The largest micro-batch that parallel.memory_estimate fits in capacity bytes (at least 1)."""
+    import parallel
+    setup = dict(fsdp="--fsdp" in options, activation_checkpointing="--activation_checkpointing" in options)
+    one, two = (parallel.memory_estimate(config, m, **setup)["total"] for m in (1, 2))
+    return max(1, int((capacity - one) // (two - one)) + 1)
+
+
+def _memory_runs(size, n_px, options, micro_batch_size=None):
+    """train.py's peak memory and images/s at micro_batch_size, or else at the largest the estimate fits on this
+    GPU and, while that runs out of memory, at three quarters of the last; beside the estimate itself. On the CPU
+    (no memory to fill) 4 images."""
+    import parallel
+    from igpt import IGPTConfig
+    config = IGPTConfig.preset(size, n_px=n_px, **(SMALL_SIZES if _small() else {}))
+    capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    micro = micro_batch_size or (_estimated_largest(config, options, capacity) if capacity else 4)
+    while (result := _train_py_memory(size, n_px, micro, options)) is None and micro > 1:
+        print(f"  {micro} images ran out of memory", flush=True)
+        micro = max(1, micro * 3 // 4)
+    if result is None:
+        return {"micro_batch_size": 1, "out_of_memory": True}
+    setup = dict(fsdp="--fsdp" in options, activation_checkpointing="--activation_checkpointing" in options)
+    result["estimate_gb"] = parallel.memory_estimate(config, result["micro_batch_size"], **setup)["total"] / 1e9
+    peak = result["max_memory_gb"]
+    print(f"iGPT-{size.upper()} {n_px}x{n_px}, {' '.join(['one GPU', *options])}: micro-batch "
+          f"{result['micro_batch_size']}, {result['images_per_s']:.1f} images/s, peak " + (f"{peak:.1f} GB" if peak is not None else "unknown (CPU)")
+          + f", estimate {result['estimate_gb']:.1f} GB", flush=True)
+    return result
+
+
+def _checkpointing_trade(n_px):
+    """iGPT-L on one GPU without and with activation checkpointing: each at its largest micro-batch, and
+    checkpointing also at the largest without it, where the memory saved and the throughput lost are read."""
+    plain = _memory_runs("l", n_px, [])
+    same = _memory_runs("l", n_px, ["--activation_checkpointing"], plain["micro_batch_size"])
+    largest = _memory_runs("l", n_px, ["--activation_checkpointing"])
+    out = {"plain": plain, "checkpointed_same_batch": same, "checkpointed": largest}
+    if "images_per_s" in plain and plain["max_memory_gb"] is not None:
+        out["memory_saved_gb"] = plain["max_memory_gb"] - same["max_memory_gb"]
+        out["throughput_lost"] = 1 - same["images_per_s"] / plain["images_per_s"]
+        print(f"activation checkpointing at micro-batch {plain['micro_batch_size']}: {out['memory_saved_gb']:.1f} GB "
+              f"saved, {100 * out['throughput_lost']:.0f}% of the images/s lost", flush=True)
+    return out
+
+
+@benchmark
+def memory_l32():
+    """iGPT-L on 32x32 images on one GPU, train.py without and with --activation_checkpointing: peak memory and
+    images/s at the largest micro-batch that fits, and the memory saved and throughput lost at the same batch.
+    IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, 4 a step, for a CPU smoke run."""
+    return _checkpointing_trade(8 if _small() else 32)
+
+
+@benchmark
+def memory_l64():
+    """memory_l32 on 64x64 images (4096 tokens). IGPT_BENCH_SMALL=1 as there."""
+    return _checkpointing_trade(8 if _small() else 64)
+
+
+@benchmark
+def memory_xl():
+    """iGPT-XL on one GPU under --fsdp --activation_checkpointing, on 32x32 and 64x64 images: does a step run, at
+    which micro-batch, its peak memory and images/s. IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, 4 a step."""
+    sides = [8] if _small() else [32, 64]
+    return {f"xl_{n_px}": _memory_runs("xl", n_px, ["--fsdp", "--activation_checkpointing"]) for n_px in sides}
 
 
 # ---- sample.py: KV-cached generation ----

@@ -1,5 +1,6 @@
 """
-Bring the released Image GPT weights into igpt.py's checkpoint format, and move weights to and from Hugging Face.
+Bring the released Image GPT weights into igpt.py's checkpoint format, move weights to and from Hugging Face, and
+make the folder of a sharded checkpoint (train.py --fsdp) the single .pt that sample.py and probe.py read.
 
 tf_to_igpt maps the original variables onto igpt.py's modules and infers the config from their shapes (tf_config):
 model/wte, wpe, sos, wtet, ln_f/g, each layer's ln_1/g and ln_2/g, and the classifier model/clf/wclf (when there
@@ -14,6 +15,7 @@ optimizer slots and global_step are skipped. A checkpoint without model/sos is o
     python convert.py --download s --bert --dir release                                         # a BERT model
     python convert.py --hf path/to/imagegpt-small --out igpt_s.pt                               # a local HF folder
     python convert.py --to_hf --ckpt igpt_s.pt --out imagegpt-small                             # ours -> HF folder
+    python convert.py --from_dcp out/ckpt.dcp --out igpt_xl.pt                                  # sharded -> one file
 """
 import importlib
 import json
@@ -25,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+import parallel
 from igpt import IGPT, IGPTConfig, save_checkpoint
 from common import argument_parser, log
 from data import fetch
@@ -255,11 +258,14 @@ def main(argv=None):
     parser.add_argument("--hf", default=None, metavar="FOLDER", help="import a Hugging Face ImageGPT folder")
     parser.add_argument("--to_hf", action="store_true", help="export --ckpt to a Hugging Face ImageGPT folder --out")
     parser.add_argument("--ckpt", default=None, help="with --to_hf: the checkpoint of ours to export")
+    parser.add_argument("--from_dcp", default=None, metavar="FOLDER",
+                        help="the folder of a sharded checkpoint (train.py --fsdp, e.g. out/ckpt.dcp): its weights "
+                        "and palette into one .pt")
     args = parser.parse_args(argv)
-    sources = [x for x in (args.checkpoint, args.download, args.hf, args.ckpt if args.to_hf else None)
-               if x is not None]
+    sources = [x for x in (args.checkpoint, args.download, args.hf, args.ckpt if args.to_hf else None,
+                           args.from_dcp) if x is not None]
     if len(sources) != 1 or (args.ckpt is not None) != args.to_hf:
-        parser.error("give exactly one of: a TF checkpoint, --download, --hf, --to_hf --ckpt PT")
+        parser.error("give exactly one of: a TF checkpoint, --download, --hf, --to_hf --ckpt PT, --from_dcp FOLDER")
     if args.bert and not args.download:
         parser.error("--bert picks the model --download fetches; a BERT checkpoint on disk converts as it is "
                      "(it is recognised by its missing model/sos)")
@@ -284,6 +290,10 @@ def main(argv=None):
         model = tf_to_igpt(TFCheckpoint(prefix))
     elif args.hf:
         model = hf_to_igpt(args.hf)
+    elif args.from_dcp:
+        sharded = parallel.load_weights(args.from_dcp)
+        model = IGPT.from_state_dict(IGPTConfig(**sharded["config"]), sharded["model"])
+        palette = sharded.get("palette") if palette is None else palette
     else:
         model = tf_to_igpt(TFCheckpoint(args.checkpoint))
     if model.config.bert:

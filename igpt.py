@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 from common import atomic_write
 
-PRESETS = {  # the released models: n_embd, n_head, n_layer (76M, 455M, 1.4B parameters)
+PRESETS = {  # the paper's models: n_embd, n_head, n_layer (76M, 455M, 1.4B, 6.8B parameters); s, m, l were released
     "s": dict(n_embd=512, n_head=8, n_layer=24),
     "m": dict(n_embd=1024, n_head=8, n_layer=36),
     "l": dict(n_embd=1536, n_head=16, n_layer=48),
+    "xl": dict(n_embd=3072, n_head=24, n_layer=60),  # the paper gives no head count: 24 heads of 128, as M's
 }
 
 
@@ -63,7 +64,7 @@ class IGPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "IGPTConfig":
-        """A released size ("s", "m", "l") with any field overridden, e.g. preset("s", n_px=48)."""
+        """A size of the paper ("s", "m", "l", "xl") with any field overridden, e.g. preset("s", n_px=48)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -424,6 +425,9 @@ def save_checkpoint(path, model=None, palette=None, **extra):
 
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint written by save_checkpoint, with weights_only=True (no code runs from the file)."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path!r} is the folder of a sharded checkpoint (train.py --fsdp); make it one file with: "
+                         f"python convert.py --from_dcp {path} --out model.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; for the original TF release run convert.py first")
     try:

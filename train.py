@@ -6,6 +6,8 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
     torchrun --nproc_per_node=8 train.py --data data/cifar10            # DDP on 8 GPUs
     python train.py --config config/cifar10.py --max_steps 5000         # a file of overrides, then flags
     python train.py --resume --out out                                  # continue exactly where it stopped
+    torchrun --nproc_per_node=8 train.py --model xl --fsdp --activation_checkpointing   # sharded (parallel.py)
+    python train.py --model xl --fsdp --dry_run                         # the memory a GPU needs; no training
     python train.py --eval_only --ckpt igpt_s.pt --data downloads/imagenet --eval_split te
     python train.py --ckpt igpt_s.pt --clf --data data/cifar10          # fine-tune: classifier + generative loss
     python train.py --bert --data data/cifar10                          # pretrain with the BERT objective
@@ -19,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import parallel
 from common import SWITCH, argument_parser, resolve_device, switch
 from data import load_tokens
 from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint
@@ -45,7 +49,8 @@ class TrainConfig:
     palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
     flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
     # model
-    model: str = "s"                # size preset: s, m, l
+    model: str = "s"                # size preset: s, m, l, xl
+    n_px: int = 0                   # image side; 0: the data's (--dry_run without data: 32)
     n_layer: int = 0                # > 0 overrides the preset
     n_embd: int = 0
     n_head: int = 0
@@ -78,6 +83,9 @@ class TrainConfig:
     dtype: str = "bfloat16"         # autocast dtype on GPU: bfloat16 or float32 (the CPU always uses float32)
     compile: str = "auto"           # torch.compile: auto (on for GPU), on, off
     seed: int = 1337
+    fsdp: bool = False              # shard weights, gradients and optimizer state over the GPUs (FSDP2), not DDP
+    activation_checkpointing: bool = False  # recompute each block in the backward: far less activation memory
+    dry_run: bool = False           # print the memory a GPU needs for this configuration, and stop
 
 
 CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloat16", "float32"),
@@ -201,11 +209,13 @@ def training_masks(config, seed, step, batch_size):
 
 # ---- model ----
 
-def build_model(cfg, n_px, n_vocab, n_classes):
-    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights (its objective with it)."""
-    mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
+def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
+    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights (a .pt or the folder of an
+    --fsdp run; its objective with it). fits(config) runs first, so a model that cannot fit is refused before it
+    is built."""
     if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt)
+        ckpt = parallel.load_weights(cfg.ckpt)
+        mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
         mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"],
                               **mask_prob})
         if cfg.bert and not mconf.bert:
@@ -216,6 +226,7 @@ def build_model(cfg, n_px, n_vocab, n_classes):
         if mconf.n_px != n_px:
             raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
                              f"{n_px}x{n_px}")
+        fits(mconf)
         model = IGPT(mconf)
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         new_head = {"clf.weight"} if cfg.clf else set()
@@ -223,13 +234,54 @@ def build_model(cfg, n_px, n_vocab, n_classes):
             raise SystemExit(f"{cfg.ckpt}: weights do not fit the model (missing {missing}, "
                              f"unexpected {unexpected})")
         return model, ckpt.get("palette")
+    config = preset_config(cfg, n_px, n_vocab, n_classes)
+    fits(config)
+    return IGPT(config), None
+
+
+def preset_config(cfg, n_px, n_vocab, n_classes):
+    """The config of --model with the size overrides and the objective."""
     if cfg.model not in PRESETS:
         raise SystemExit(f"--model {cfg.model!r} is not one of {sorted(PRESETS)}")
+    mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
     if mask_prob and not cfg.bert:
         raise SystemExit("--bert_mask_prob is for BERT models: add --bert")
     sizes = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
-    return IGPT(IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, bert=cfg.bert,
-                           **mask_prob, **sizes)), None
+    return IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, bert=cfg.bert,
+                      **mask_prob, **sizes)
+
+def compute_bytes(cfg):
+    """Bytes of a number in the products on a GPU: 2 under bf16 autocast, else 4."""
+    return 2 if cfg.dtype == "bfloat16" else 4
+
+
+def check_memory(cfg, config, world, device):
+    """Refuse, before any work, a training run that cannot fit the GPU by parallel.memory_estimate."""
+    if device.type != "cuda" or cfg.eval_only:
+        return
+    error = parallel.fit_error(config, torch.cuda.get_device_properties(device).total_memory, cfg.micro_batch_size,
+                               world, cfg.fsdp, cfg.activation_checkpointing, compute_bytes(cfg))
+    if error:
+        raise SystemExit(error)
+
+
+def dry_run(cfg, world, device, log):
+    """--dry_run: the memory per GPU that the preset (and overrides) needs at --n_px (else the data's, else 32),
+    with this run's options and number of processes, and whether it fits this GPU. Returns the estimate."""
+    n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
+    if not n_px:
+        n_px = math.isqrt(np.load(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
+    config = preset_config(cfg, n_px, 512, 0)
+    setup = (cfg.micro_batch_size, world, cfg.fsdp, cfg.activation_checkpointing)
+    estimate = parallel.memory_estimate(config, *setup, compute_bytes(cfg))
+    log(parallel.describe(config, estimate, *setup))
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        error = parallel.fit_error(config, capacity, *setup, compute_bytes(cfg))
+        log(error or f"fits {device}'s {capacity / 1e9:.1f} GB")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return estimate
 
 
 class FineTuneLoss(nn.Module):
@@ -262,15 +314,19 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
     model.eval()
     n = len(X) if not max_images else min(max_images, len(X))
     loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
-    for start in range(rank * micro_batch_size, n, world * micro_batch_size):
+    end = -(-n // (world * micro_batch_size)) * world * micro_batch_size  # as many forwards on every rank
+    for start in range(rank * micro_batch_size, end, world * micro_batch_size):
         idx = np.arange(start, min(start + micro_batch_size, n))
-        x = get_micro_batch(X, idx, 0, None, device)
-        mask = to_device(fixed_mask(idx, model.config), device) if model.config.bert else None
+        # past the split's end a rank still runs a forward, of one image counted nowhere: under FSDP every
+        # forward gathers each block's weights with the other ranks
+        read = idx if len(idx) else np.arange(1)
+        x = get_micro_batch(X, read, 0, None, device)
+        mask = to_device(fixed_mask(read, model.config), device) if model.config.bert else None
         with autocast:
             if model.clf is not None and Y is not None:
                 clf_logits, loss = model.classify(x, mask)
                 y = torch.as_tensor(np.asarray(Y[idx]), device=device)
-                loss_sum[1] += (clf_logits.argmax(-1) == y).sum()
+                loss_sum[1] += (clf_logits[:len(idx)].argmax(-1) == y).sum()
             else:
                 loss = model(x, mask=mask)[1]
         loss_sum[0] += loss.double() * len(idx)
@@ -285,7 +341,8 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
 # ---- the run ----
 
 def setup_distributed(cfg):
-    """(rank, local_rank, world, device) under torchrun, else a single process."""
+    """(rank, local_rank, world, device) under torchrun, else a single process (parallel.shard gives it a group of
+    one under --fsdp)."""
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), \
             int(os.environ["WORLD_SIZE"])
@@ -306,20 +363,26 @@ def main(argv=None):
     rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
+    if cfg.dry_run:
+        return dry_run(cfg, world, device, log)
 
-    resume_state = None
+    resume_state, resume_path = None, parallel.find_checkpoint(cfg.out)  # ckpt.pt, or the folder ckpt.dcp
     if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        resume_state = load_checkpoint(ckpt_path)
+        if resume_path is None:
+            raise SystemExit(f"--resume: no checkpoint in {cfg.out} (ckpt.pt, or ckpt.dcp from --fsdp)")
+        sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
+        resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
         saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
         # the run continues under its saved options, except those set again now (e.g. a larger --max_steps)
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
-    elif not cfg.eval_only and os.path.exists(ckpt_path) and not cfg.force:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --force to start over "
+        if sharded != cfg.fsdp:
+            raise SystemExit(f"{resume_path} was written {'with' if sharded else 'without'} --fsdp: resume it so "
+                             "(or start a new run from its weights with --ckpt)")
+    elif not cfg.eval_only and resume_path is not None and not cfg.force:
+        raise SystemExit(f"{resume_path} exists: pass --resume to continue that run, or --force to start over "
                          "(the old checkpoint is replaced only when the new run writes its first one)")
+    ckpt_path = os.path.join(cfg.out, "ckpt.dcp" if cfg.fsdp else "ckpt.pt")
 
     # data
     X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
@@ -327,6 +390,8 @@ def main(argv=None):
     n_px = math.isqrt(X_va.shape[1])
     if n_px * n_px != X_va.shape[1]:
         raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
+    if cfg.n_px and cfg.n_px != n_px:
+        raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
     palette_path = cfg.palette or find_palette(cfg.data)
     palette = torch.from_numpy(load_palette(palette_path)) if palette_path else None
     n_vocab = len(palette) if palette is not None else 512
@@ -342,17 +407,18 @@ def main(argv=None):
     if cfg.eval_only and not cfg.ckpt:
         if resume_state is None:
             raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
-        cfg.ckpt = ckpt_path
-    model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes)
+        cfg.ckpt = resume_path
+    model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes, lambda c: check_memory(cfg, c, world, device))
     if palette is None and ckpt_palette is not None:
         palette = ckpt_palette
     n_vocab = model.config.n_vocab
     for name, X in [(f"{cfg.data}_trX.npy", X_tr), (f"{cfg.data}_{cfg.eval_split}X.npy", X_va)]:
         if X is not None:
             check_tokens(X, name, n_vocab, model.config.block_size)
-    if resume_state is not None:
+    if resume_state is not None and not cfg.fsdp:
         model.load_state_dict(resume_state["model"])
-    model.to(device)
+    if not cfg.fsdp or cfg.eval_only:  # parallel.shard moves each block to the GPU as it shards it
+        model.to(device)
     log(f"model: {model.get_num_params():,} parameters, {model.config}")
 
     use_cuda = device.type == "cuda"
@@ -375,24 +441,31 @@ def main(argv=None):
         raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
                          f"{cfg.micro_batch_size} x {world} processes")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
-    optimizer = model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
-                                           device.type)
+    raw_model = model
+    if cfg.activation_checkpointing:
+        parallel.checkpoint_blocks(raw_model)
+    if cfg.fsdp:
+        parallel.shard(raw_model, device, amp_dtype if use_cuda else None, compile=do_compile)
+    optimizer = raw_model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                                               device.type)  # after shard(), which makes the parameters DTensors
     step, batches = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed)
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if cfg.fsdp:
+            parallel.load_sharded(resume_path, raw_model, optimizer)
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
         step = resume_state["step"]
         batches = Batches(len(X_tr), cfg.batch_size, cfg.seed, **resume_state["data_position"])
         torch.set_rng_state(resume_state["rng"]["cpu"])
         if use_cuda and "cuda" in resume_state["rng"]:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
-        log(f"resumed from {ckpt_path} at step {step}")
+        log(f"resumed from {resume_path} at step {step}")
 
-    raw_model = model
     if cfg.clf:
         model = FineTuneLoss(model, cfg.gen_weight)
-    if do_compile:
+    if do_compile and not cfg.fsdp:  # under FSDP each block is compiled on its own
         model = torch.compile(model)
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
     if master:
@@ -409,10 +482,17 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     def save(step):
-        if master:
-            rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
-            save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), step=step,
-                            data_position=batches.state(), rng=rng, train_config=asdict(cfg))
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
+        state = dict(step=step, data_position=batches.state(), rng=rng, train_config=asdict(cfg))
+        if cfg.fsdp:  # every rank writes its shards
+            parallel.save_sharded(ckpt_path, raw_model, optimizer, palette=palette, **state)
+        elif master:
+            save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), **state)
+        other = os.path.join(cfg.out, "ckpt.pt" if cfg.fsdp else "ckpt.dcp")
+        if master and os.path.isdir(other):  # the checkpoint of the run this one started over with --force
+            shutil.rmtree(other)
+        elif master and os.path.exists(other):
+            os.remove(other)
 
     log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
         f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
@@ -433,7 +513,8 @@ def main(argv=None):
                          (micro * world + rank + 1) * cfg.micro_batch_size)
             x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
             mask = None if masks is None else to_device(masks[part], device)
-            sync = micro == accum - 1 or world == 1
+            # DDP reduces the gradients once, after the last micro-batch; FSDP after each, into the shards
+            sync = micro == accum - 1 or world == 1 or cfg.fsdp
             with (nullcontext() if sync else model.no_sync()), autocast:
                 if cfg.clf:
                     loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device), mask)
@@ -467,9 +548,11 @@ def main(argv=None):
             dt = time.time() - t0
             ips = images_since / dt
             record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips,
-                      "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time()}
+                      "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time(),
+                      "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if use_cuda else None}
             log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s"
-                + (f", mfu {100 * record['mfu']:.1f}%" if use_cuda else ""), flush=True)
+                + (f", mfu {100 * record['mfu']:.1f}%, {record['max_memory_gb']:.1f} GB" if use_cuda else ""),
+                flush=True)
             write_log(record)
             t0, images_since = time.time(), 0
         if eval_now:
@@ -481,7 +564,7 @@ def main(argv=None):
                        **({"accuracy": acc} if acc is not None else {})})
             save(step)
             t0, images_since = time.time(), 0
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the last checkpoint; leave together
         dist.destroy_process_group()
     return {"step": step, f"{cfg.eval_split}_loss": val_loss, "accuracy": acc}

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import convert
+import parallel
 from convert import hf_to_igpt, igpt_to_hf, main, tf_to_igpt
 from igpt import IGPT, IGPTConfig, save_checkpoint
 from tf_checkpoint import TFCheckpoint
@@ -109,7 +110,7 @@ def test_help_lists_every_option_with_its_default(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--out", "--palette", "--force", "--download", "--bert", "--step", "--dir", "--dataset",
-                   "--base_url", "--hf", "--to_hf"):
+                   "--base_url", "--hf", "--to_hf", "--from_dcp"):
         assert option in text
     assert "(default: 1000000)" in text and f"(default: {convert.BASE_URL})" in text
 
@@ -198,6 +199,26 @@ def test_an_hf_model_igpt_cannot_express_is_refused(tmp_path):
     hf_model(activation_function="gelu_new").save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match="activation_function='gelu_new'"):
         hf_to_igpt(tmp_path / "hf")
+
+
+# ---- sharded checkpoints (train.py --fsdp) -> one file ----
+
+def test_from_dcp_makes_a_sharded_checkpoint_the_single_file_the_scripts_read(tmp_path):
+    model, palette = tiny_model(), torch.rand(16, 3) * 2 - 1
+    parallel.save_sharded(str(tmp_path / "ckpt.dcp"), model, model.configure_optimizers(1e-3), palette=palette,
+                          step=3)
+    main(["--from_dcp", str(tmp_path / "ckpt.dcp"), "--out", str(tmp_path / "model.pt")])
+    loaded = IGPT.from_checkpoint(tmp_path / "model.pt")
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.palette, palette)
+
+
+def test_a_sharded_checkpoint_given_for_a_file_names_the_command_that_makes_one(tmp_path):
+    model = tiny_model()
+    parallel.save_sharded(str(tmp_path / "ckpt.dcp"), model, model.configure_optimizers(1e-3))
+    with pytest.raises(ValueError, match=r"sharded checkpoint .*: python convert.py --from_dcp .*ckpt.dcp --out"):
+        IGPT.from_checkpoint(tmp_path / "ckpt.dcp")
 
 
 # ---- downloading ----

@@ -47,9 +47,27 @@ def test_presets_have_the_released_sizes():
     assert 75e6 < n_s < 78e6  # "76M"
 
 
+def test_xl_preset_is_the_papers_largest_model_of_6_8_billion_parameters():
+    c = IGPTConfig.preset("xl")
+    assert (c.n_embd, c.n_layer) == (3072, 60)  # "L = 60 layers and ... an embedding size of d = 3072"
+    with torch.device("meta"):
+        assert round(IGPT(c).get_num_params() / 1e9, 1) == 6.8
+
+
+@pytest.mark.parametrize("n_px", [32, 48, 64])
+@pytest.mark.parametrize("size", ["s", "m", "l", "xl"])
+def test_every_size_builds_for_long_contexts_with_the_parameters_counted_by_hand(size, n_px):
+    c = IGPTConfig.preset(size, n_px=n_px)
+    d, L, V, T = c.n_embd, c.n_layer, c.n_vocab, n_px * n_px
+    by_hand = L * (4 * d * d + 8 * d * d + 2 * d) + 2 * V * d + T * d + 2 * d  # blocks, wte + wtet, wpe, sos + ln_f
+    with torch.device("meta"):
+        model = IGPT(c)
+    assert model.wpe.weight.shape == (T, d) and model.get_num_params() == by_hand
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
-        IGPTConfig.preset("xl")
+        IGPTConfig.preset("xxl")
 
 
 def test_logits_match_the_original_math_written_out():

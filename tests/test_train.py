@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import parallel
 import quantize
 import train
 from data import load_tokens
@@ -37,6 +39,19 @@ def losses(out_dir):
 def run(*args):
     """train.py on the CPU, also where there is a GPU: exact, and nothing to compile."""
     return train.main([str(a) for a in args] + ["--device", "cpu"])
+
+
+def torchrun(script, *args):
+    """script with args on two CPU processes, as torchrun launches them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+
+
+def evaluations(out_dir):
+    """Every figure of the log but timings, by step and name: training losses, validation losses, accuracies."""
+    return {(r["step"], k): v for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
+            for k, v in r.items() if k in ("loss", "va_loss", "accuracy")}
 
 
 def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
@@ -82,16 +97,124 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
               "--eval_interval", 4, "--device", "cpu", *task]
     run(*common, "--out", tmp_path / "one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common), "--out", str(tmp_path / "two")]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(os.path.join(ROOT, "train.py"), *common, "--out", tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-5)
     torch.testing.assert_close(load_checkpoint(tmp_path / "two" / "ckpt.pt")["model"],
                                load_checkpoint(tmp_path / "one" / "ckpt.pt")["model"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("task, sharded", [([], ["--activation_checkpointing"]), (["--clf"], [])],
+                         ids=["pretraining", "fine-tuning"])
+def test_fsdp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, task, sharded):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 4,
+              "--eval_interval", 2, "--eval_images", 5, "--device", "cpu", *task]  # 5: the ranks' shares differ
+    run(*common, "--out", tmp_path / "one")
+    result = torchrun(os.path.join(ROOT, "train.py"), *common, *sharded, "--fsdp", "--out", tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = evaluations(tmp_path / "one"), evaluations(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) >= 6
+    np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-5)
+    torch.testing.assert_close(parallel.load_weights(str(tmp_path / "two" / "ckpt.dcp"))["model"],
+                               load_checkpoint(tmp_path / "one" / "ckpt.pt")["model"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_killed_fsdp_run_resumes_on_two_or_one_processes_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 2, "--max_steps", 8,
+              "--eval_interval", 3, "--flip", "--device", "cpu"]
+    run(*common, "--out", tmp_path / "whole")  # one process without sharding: the same losses, as tested above
+    killed = torchrun(os.path.join(ROOT, "tests", "killed_train.py"), 2, *common, "--fsdp", "--out", tmp_path / "cut")
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert parallel.read_train_state(str(tmp_path / "cut" / "ckpt.dcp"))["step"] == 6
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_one")
+    resumed = torchrun(os.path.join(ROOT, "train.py"), "--resume", "--out", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run("--resume", "--out", tmp_path / "cut_one")  # one process, the shards of two read into a group of one
+    whole = evaluations(tmp_path / "whole")
+    for out in ("cut", "cut_one"):
+        again = evaluations(tmp_path / out)
+        assert again.keys() == whole.keys()
+        np.testing.assert_allclose([again[k] for k in whole], [whole[k] for k in whole], rtol=1e-5)
+        torch.testing.assert_close(parallel.load_weights(str(tmp_path / out / "ckpt.dcp"))["model"],
+                                   load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"], rtol=1e-3, atol=1e-5)
+
+
+def test_activation_checkpointing_changes_no_loss(tmp_path):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 4, "--max_steps", 4,
+              "--eval_interval", 2]
+    run(*common, "--out", tmp_path / "plain")
+    run(*common, "--activation_checkpointing", "--out", tmp_path / "recomputed")
+    plain, recomputed = evaluations(tmp_path / "plain"), evaluations(tmp_path / "recomputed")
+    assert plain.keys() == recomputed.keys()
+    np.testing.assert_allclose([recomputed[k] for k in plain], [plain[k] for k in plain], rtol=1e-6)
+
+
+def test_a_sharded_run_is_resumed_only_sharded(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 1, "--eval_interval", 1, "--fsdp", "--device", "cpu")  # one process: a group of one
+    with pytest.raises(SystemExit, match="ckpt.dcp was written with --fsdp: resume it so"):
+        run("--resume", "--out", tmp_path / "o", "--no-fsdp", "--max_steps", 2)
+
+
+def test_eval_only_reads_a_sharded_checkpoint(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+        "--max_steps", 2, "--eval_interval", 2, "--fsdp", "--device", "cpu")
+    result = run("--eval_only", "--resume", "--out", tmp_path / "o", "--micro_batch_size", 5)
+    weights = parallel.load_weights(str(tmp_path / "o" / "ckpt.dcp"))
+    model = IGPT.from_state_dict(IGPTConfig(**weights["config"]), weights["model"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.load(f"{prefix}_vaX.npy").astype(np.int64)))[1].item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_run_started_over_in_the_other_kind_replaces_the_old_checkpoint(tmp_path):
+    prefix = write_tokens(tmp_path)
+    args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+            "--max_steps", 1, "--eval_interval", 1, "--device", "cpu"]
+    run(*args)
+    with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume"):
+        run(*args, "--fsdp")
+    run(*args, "--fsdp", "--force")
+    assert sorted(os.listdir(tmp_path / "o")) == ["ckpt.dcp", "log.jsonl"]
+
+
+def test_dry_run_prints_the_memory_a_gpu_needs_without_data_and_stops(tmp_path, capsys):
+    options = ["--model", "xl", "--n_px", 64, "--fsdp", "--activation_checkpointing", "--micro_batch_size", 4]
+    estimate = run(*options, "--dry_run", "--data", tmp_path / "none", "--out", tmp_path / "o")
+    assert estimate == parallel.memory_estimate(IGPTConfig.preset("xl", n_px=64), 4, world=1, fsdp=True,
+                                                activation_checkpointing=True, compute_bytes=2)
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[0] == ("6.81B parameters (60 layers of width 3072), FSDP on 1 GPU with activation checkpointing, "
+                        "micro-batch 4 of 4096 tokens; per GPU:")
+    assert [line.split() for line in lines[1:6]] == [[part, f"{estimate[part] / 1e9:.1f}", "GB"] for part in
+                                                     ("weights", "gradients", "optimizer", "activations", "total")]
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("n_px", [48, 64])
+def test_images_of_48_and_64_pixels_train_with_checkpointed_activations(tmp_path, n_px):
+    prefix = write_tokens(tmp_path, n=4, n_px=n_px)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 2, "--micro_batch_size", 2,
+        "--max_steps", 1, "--eval_interval", 1, "--eval_images", 2, "--activation_checkpointing")
+    ckpt = load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["config"]["n_px"] == n_px and ckpt["model"]["wpe.weight"].shape[0] == n_px * n_px
+    assert losses(tmp_path / "o")[1] == pytest.approx(math.log(16))  # the zero head's uniform guess at every pixel
+
+
+def test_n_px_other_than_the_datas_is_a_clear_error(tmp_path):
+    prefix = write_tokens(tmp_path)
+    with pytest.raises(SystemExit, match="--n_px 8, but .* holds 4x4 images"):
+        run("--data", prefix, "--out", tmp_path / "o", *TINY, "--n_px", 8)
 
 
 def test_fine_tuning_trains_a_classifier_beside_the_generative_loss(tmp_path):
