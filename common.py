@@ -6,11 +6,19 @@ Every script spells its options with underscores and lists each with its default
 (the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto
 meaning on a GPU; --ckpt names a checkpoint a script reads; --out is where it writes (a folder for train, sample,
 probe and pipeline; the token files' prefix for quantize; the converted file for convert).
+
+A mistake with a flag or a file ends in one line on stderr and a non-zero exit, never a traceback: argparse's
+errors (status 2) print no usage block, and each script's main, wrapped by @script, turns the library's errors
+(USER_ERRORS: ValueError, OSError, KeyError, ImportError) and its own SystemExit messages into `script.py: message`
+(status 1), and Ctrl-C into `script.py: interrupted` (status 130).
 """
 import argparse
+import functools
 import os
+import socket
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 import torch
@@ -32,13 +40,46 @@ def default_device():
 SWITCH = ("auto", "on", "off")  # the choices of --compile and --fast: auto means on a GPU
 
 
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)  # what the library raises for a wrong flag or file
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the script's docstring as written and every option's default."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line that points to --help instead of the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def argument_parser(doc):
     """The parser every script starts from: its docstring above the options, each option with its default."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def script(main):
+    """Wrap a script's main(argv) so that a user's mistake ends in one line: the library's USER_ERRORS and the
+    script's own SystemExit messages become SystemExit("script.py: message") (exit status 1), Ctrl-C
+    "script.py: interrupted" (status 130). A script run by another (pipeline.py) adds its name in front."""
+    name = os.path.basename(sys.modules[main.__module__].__file__)
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                raise SystemExit(f"{name}: {e.code}") from None
+            raise
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+            raise SystemExit(f"{name}: " + " ".join(str(message).split())) from None
+        except KeyboardInterrupt:
+            log(f"{name}: interrupted")
+            raise SystemExit(130) from None
+    return run
 
 
 def add_device_options(parser, compile_what=None):
@@ -76,11 +117,18 @@ def switch(value, device):
 
 def atomic_write(path, write):
     """write(file) into a temp file beside `path` (folders made as needed), flushed to disk, then renamed over
-    `path`: an interrupted write never leaves a half-written file in place of a good one."""
+    `path`: an interrupted write never leaves a half-written file in place of a good one. The file gets the
+    user's usual permissions (those of the umask), and temp files of `path` that a killed write left behind are
+    removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    prefix = f".tmp-{os.path.basename(path)}.{socket.gethostname()}."
+    _remove_stale(folder, prefix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{prefix}{os.getpid()}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes its file private (0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -89,6 +137,75 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _remove_stale(folder, prefix):
+    """Remove the temp files named prefix + PID + ... whose writer, a process of this host, no longer runs; a
+    live writer's (or another host's, on a shared disk) are left alone."""
+    for name in os.listdir(folder):
+        pid = name[len(prefix):].split(".")[0]
+        if name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:  # another process removed it first
+                pass
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it does, and is another user's
+        pass
+    return True
+
+
+# ---- checksums ----
+
+def named_tensors(obj, prefix=""):
+    """(path, tensor) for every tensor in nested dicts, lists and tuples, e.g. ("optimizer/state/0/exp_avg", t)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from named_tensors(v, f"{prefix}/{k}" if prefix else str(k))
+
+
+def first_nonfinite(obj):
+    """The path of the first floating-point tensor in obj (as named_tensors walks it) holding inf or nan, or None."""
+    return next((name for name, t in named_tensors(obj) if t.is_floating_point() and not t.isfinite().all()), None)
+
+
+def tensor_crc32(t):
+    """crc32 of a tensor's bytes."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def file_crc32(path, size=None):
+    """crc32 of a file's first `size` bytes (all of them by default), read in chunks."""
+    crc, left = 0, os.path.getsize(path) if size is None else size
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return crc
+
+
+class Crc32Writer:
+    """A file that keeps the crc32 of everything written through it, in order."""
+
+    def __init__(self, f):
+        self.f, self.crc = f, 0
+
+    def write(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 def save_grid(images, path, pad=2, scale=1):
