@@ -10,7 +10,8 @@ It writes {out}_trX.npy (uint16 [N, n_px*n_px]) and {out}_trY.npy (int64 labels)
 --val_frac of the training images held out), {out}_teX/_teY (from --test), {out}_palette.npy and a preview,
 {out}_preview.png (originals beside their quantized versions): the original release's naming, so train.py and
 probe.py read ours and the original's alike (data.load_tokens). When the palette is fitted, it is fitted on the
-training split only.
+training split only. Last comes {out}_manifest.json, naming every file of the set with its checksum: readers check
+the files against it, so a run cut short (or a file from another run) is refused rather than mixed in.
 
 A SOURCE is PATH[:SPLIT] as data.py reads it: a folder with one sub-folder per class (or of images without
 classes), the same inside a .zip (data.zip:train reads its train/ folder), CIFAR-10/100's pickle folder,
@@ -30,8 +31,9 @@ import time
 
 import numpy as np
 
-from common import add_device_options, argument_parser, log, resolve_device, save_grid
-from data import CIFAR, SPLITS, download_cifar, holdout, load_images, make_shapes, save_npy
+from common import add_device_options, argument_parser, log, resolve_device, save_grid, script
+from data import (CIFAR, SPLITS, begin_set, download_cifar, finish_set, holdout, load_images, make_shapes,
+                  manifest_path, save_npy)
 from palette import decode, encode, fit_palette, load_palette, palette_mse
 
 
@@ -92,25 +94,21 @@ def parse_args(argv=None):
     return args
 
 
+@script
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as e:
-        raise SystemExit(f"quantize.py: {e}") from None
+    device = str(resolve_device(args.device))
     out = {f"{s}{xy}": f"{args.out}_{s}{xy}.npy" for s in SPLITS for xy in "XY"}
-    out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png"}
+    out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png",
+            "manifest": manifest_path(args.out)}
     existing = [p for p in out.values() if os.path.exists(p)]
     if existing and not args.force:
         raise SystemExit(f"refusing to overwrite {', '.join(existing)}: pass --force, or choose another --out")
     times = {}
 
     t0 = time.perf_counter()
-    try:
-        images, labels, classes = read_sources(args.source, args)
-        test = read_sources(args.test, args, test=True) if args.test else None
-    except (FileNotFoundError, ValueError) as e:  # a missing or unreadable source: its message, no traceback
-        raise SystemExit(f"quantize.py: {e}") from e
+    images, labels, classes = read_sources(args.source, args)
+    test = read_sources(args.test, args, test=True) if args.test else None
     if not args.unlabelled and (labels is None or (test and test[1] is None)):
         raise SystemExit("a source has no labels (class folders, CIFAR or ImageNet files have them): "
                          "pass --unlabelled to write tokens without labels")
@@ -143,6 +141,7 @@ def main(argv=None):
     times["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    begin_set(args.out)  # from here until finish_set, readers refuse the set
     written = []
     for s, (x, y) in splits.items():
         save_npy(out[f"{s}X"], tokens[s])
@@ -158,9 +157,10 @@ def main(argv=None):
     pairs[:len(pick), 0], pairs[:len(pick), 1] = x[pick], decode(tokens["tr"][pick], palette)
     save_grid(pairs.reshape(-1, 2 * cols, args.n_px, args.n_px, 3), out["preview"], scale=max(1, 64 // args.n_px))
     written += [out["palette"], out["preview"]]
-    for p in set(out.values()) - set(written):  # with --force, leave no file of an earlier run behind
+    for p in set(out.values()) - set(written) - {out["manifest"]}:  # with --force, no file of an earlier run stays
         if os.path.exists(p):
             os.remove(p)
+    finish_set(args.out, written)
     times["write"] = time.perf_counter() - t0
 
     counts = ", ".join(f"{s} {len(x)}" for s, (x, _) in splits.items())
@@ -170,7 +170,7 @@ def main(argv=None):
     print(f"palette: {len(palette)} colours, " + (f"from {args.palette}" if args.palette else "fitted on tr")
           + f"; mse per pixel on tr {mse:.6f} (rms {127.5 * math.sqrt(mse / 3):.2f} of 255 per channel)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {', '.join(written + [out['manifest']])}")
     return {"images": {s: len(x) for s, (x, _) in splits.items()}, "classes": classes, "palette_mse": mse,
             "seconds": times}
 

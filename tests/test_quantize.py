@@ -1,4 +1,5 @@
 """quantize.py, the command line: every file it writes, its refusals, the CIFAR download."""
+import json
 import os
 
 import numpy as np
@@ -47,6 +48,30 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path):
     quantize.main(CLI + ["--out", out, "--force", "--palette", str(write_palette(tmp_path))])
     assert load_tokens(out, "te")[1].shape == (10,)
     np.testing.assert_array_equal(load_palette(out + "_palette.npy"), load_palette(str(tmp_path / "p.npy")))
+
+
+def test_the_manifest_lists_every_file_and_a_run_cut_short_leaves_a_set_readers_refuse(tmp_path, monkeypatch):
+    out = str(tmp_path / "s")
+    quantize.main(CLI + ["--out", out])
+    listed = json.load(open(out + "_manifest.json"))["files"]
+    assert sorted(listed) == sorted(p.name for p in tmp_path.iterdir() if p.name != "s_manifest.json")
+    saved, real_save = [], quantize.save_npy
+
+    def save_then_die(path, array):  # the --force run is interrupted after its second file
+        real_save(path, array)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "save_npy", save_then_die)
+    with pytest.raises(SystemExit):
+        quantize.main(CLI + ["--out", out, "--force", "--k", "4"])
+    for split in ("tr", "va", "te"):
+        with pytest.raises(ValueError, match="did not finish"):
+            load_tokens(out, split)
+    monkeypatch.setattr(quantize, "save_npy", real_save)
+    quantize.main(CLI + ["--out", out, "--force", "--k", "4"])
+    assert load_palette(out + "_palette.npy").shape == (4, 3) and load_tokens(out, "tr")[0].max() < 4
 
 
 def write_palette(tmp_path):
