@@ -83,8 +83,10 @@ def script(main):
 
 
 def add_device_options(parser, compile_what=None):
-    """--device, and --compile when the script can torch.compile something (compile_what says what)."""
+    """--device and --threads, and --compile when the script can torch.compile something (compile_what says what)."""
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch's CPU threads (0: $OMP_NUM_THREADS if set, else one per idle core)")
     if compile_what:
         parser.add_argument("--compile", default="auto", choices=SWITCH,
                             help=f"torch.compile {compile_what} (auto: on a GPU)")
@@ -106,6 +108,20 @@ def resolve_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s), cuda:0 and up")
     return device
+
+
+def set_threads(n, processes=1):
+    """Set PyTorch's CPU threads to n; for 0, leave $OMP_NUM_THREADS's choice if it is set, else take one for each
+    core the load average leaves idle, shared among `processes` (at least one). Threads beyond the idle cores
+    spin waiting for each other, which on a busy machine makes small models many times slower."""
+    if n < 0:
+        raise ValueError(f"--threads {n}: give a number of threads, or 0 to have it chosen")
+    if n == 0 and "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = cores - os.getloadavg()[0]
+    torch.set_num_threads(n or max(1, round(idle / processes)))
+    return torch.get_num_threads()
 
 
 def switch(value, device):

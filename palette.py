@@ -219,6 +219,22 @@ def load_palette(path):
     return palette.astype(np.float32)
 
 
+def one_palette(*named, n_vocab=None):
+    """The palette that every (name, palette) pair holds, pairs whose palette is None left out, or None when no
+    pair has one. Palettes that differ, or one whose size is not n_vocab (a model's), are a ValueError naming
+    them: a token means another colour in each."""
+    given = [(name, np.asarray(p, np.float32)) for name, p in named if p is not None]
+    if given and n_vocab is not None and len(given[0][1]) != n_vocab:
+        raise ValueError(f"the palette of {given[0][0]} has {len(given[0][1])} colours but the model has "
+                         f"{n_vocab} tokens: give the data and the model of one palette")
+    for (a, pa), (b, pb) in zip(given, given[1:]):
+        if pa.shape != pb.shape or not np.allclose(pa, pb, rtol=0, atol=1e-6):
+            raise ValueError(f"the palettes of {a} ({len(pa)} colours) and {b} ({len(pb)} colours) differ: "
+                             "tokens of one are other colours in the other; quantize the images with the model's "
+                             "palette (quantize.py --palette)")
+    return given[0][1] if given else None
+
+
 def find_palette(prefix):
     """The palette for token files `prefix`: {prefix}_palette.npy, else kmeans_centers.npy beside them, else None."""
     for path in (f"{prefix}_palette.npy", os.path.join(os.path.dirname(prefix), "kmeans_centers.npy")):

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import add_device_options, argument_parser, log, resolve_device, save_grid, script
+from common import add_device_options, argument_parser, log, resolve_device, save_grid, script, set_threads
 from data import (CIFAR, SPLITS, begin_set, download_cifar, finish_set, holdout, load_images, make_shapes,
                   manifest_path, save_npy)
 from palette import decode, encode, fit_palette, load_palette, palette_mse
@@ -98,6 +98,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = str(resolve_device(args.device))
+    set_threads(args.threads)
     out = {f"{s}{xy}": f"{args.out}_{s}{xy}.npy" for s in SPLITS for xy in "XY"}
     out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png",
             "manifest": manifest_path(args.out)}

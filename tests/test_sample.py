@@ -90,7 +90,7 @@ def test_existing_outputs_are_not_overwritten_without_force(ckpt, tmp_path):
 
 
 def test_a_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nope.pt"):
+    with pytest.raises(SystemExit, match="no checkpoint at .*nope.pt"):
         run("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "a")
 
 
@@ -124,3 +124,12 @@ def test_prime_rows_must_leave_something_to_complete(ckpt, tmp_path):
     np.save(tmp_path / "p.npy", np.zeros((1, 16), np.uint16))
     with pytest.raises(SystemExit, match=r"--prime_rows must lie in 1..3"):
         run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--prime_rows", 4, "--out", tmp_path / "a")
+
+
+def test_prime_tokens_of_another_palette_are_refused(ckpt, tmp_path):
+    np.save(tmp_path / "d_teX.npy", np.zeros((2, 16), np.uint16))
+    np.save(tmp_path / "d_palette.npy", palette(seed=1))
+    with pytest.raises(SystemExit, match=r"palettes of .*d_palette\.npy \(16 colours\) and the model"):
+        run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--out", tmp_path / "a")
+    np.save(tmp_path / "d_palette.npy", palette())
+    run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--out", tmp_path / "a", "--num_prime", 1)
