@@ -136,8 +136,8 @@ def _layout(paths, where):
         return top, None, []
     classes = sorted({p.split("/")[0] for p in nested})
     if set(classes) <= SPLIT_FOLDERS:
-        raise ValueError(f"{where} holds the splits {classes}, not classes: read each as {where}:{classes[-1]} "
-                         f"(e.g. quantize.py {where}:train --test {where}:test)")
+        raise ValueError(f"{where} holds the splits {classes}, not classes: name the split to read, as in "
+                         f"quantize.py {where}:train --test {where}:test")
     index = {c: i for i, c in enumerate(classes)}
     return nested, np.array([index[p.split("/")[0]] for p in nested], np.int64), classes
 
@@ -279,7 +279,7 @@ def load_images(source, n_px=32, workers=None, progress=True):
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("data_batch_1", "test_batch", "meta")):
             return _read_cifar(path, split or "train", n_px)
-        return _read_folder(os.path.join(path, split), n_px, workers, progress)
+        return _read_folder(os.path.join(path, split) if split else path, n_px, workers, progress)
     if path.endswith((".npz", ".npy")) and split:
         raise ValueError(f"{source!r}: a :split applies to a folder or a .zip, not to a {path[-4:]} file")
     if path.endswith(".npz"):

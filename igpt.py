@@ -46,7 +46,8 @@ class IGPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head takes "
+                             "n_embd/n_head channels, so pick n_embd a multiple of n_head")
 
     @property
     def block_size(self) -> int:
