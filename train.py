@@ -62,13 +62,13 @@ class TrainConfig:
     # optimisation: the paper's recipe (Adam 0.9/0.95, no weight decay, warmup then cosine to 0)
     batch_size: int = 64            # images per optimizer step, over all GPUs and accumulation steps
     micro_batch_size: int = 0       # images per forward pass on one GPU (0: from the batch, at most 32)
-    max_steps: int = 10000
-    learning_rate: float = 3e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 500
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
+    max_steps: int = 10000          # optimizer steps of the whole run
+    learning_rate: float = 3e-3     # the peak, reached at the end of the warmup
+    min_lr: float = 0.0             # where the cosine decay ends, at max_steps
+    warmup_steps: int = 500         # steps of linear warmup from 0
+    beta1: float = 0.9              # Adam's first-moment decay
+    beta2: float = 0.95             # Adam's second-moment decay
+    weight_decay: float = 0.0       # AdamW's, on matrices only (the paper uses none)
     grad_clip: float = 1.0          # max global gradient norm; 0 disables
     # evaluation, logging, checkpoints
     eval_interval: int = 1000       # steps between validation passes (each writes a checkpoint)
@@ -101,7 +101,7 @@ def parse_config(argv=None):
     """TrainConfig from defaults, then a --config file of overrides, then command-line flags. Also returns the
     names given explicitly, so --resume can take the rest from the checkpoint."""
     parser = argument_parser(__doc__)
-    parser.add_argument("--config", default="", help="file of `name = value` overrides (default: none)")
+    parser.add_argument("--config", default="", help="file of `name = value` overrides ('': none)")
     comments = _field_comments()
     for f in fields(TrainConfig):
         help_text = f"{comments.get(f.name, '')} (default: {f.default!r})"

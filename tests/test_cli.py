@@ -37,7 +37,7 @@ def parser_of(name, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_help_lists_every_option_with_its_default(name, monkeypatch, capsys):
+def test_help_explains_every_option_and_gives_its_default(name, monkeypatch, capsys):
     parser, text = parser_of(name, monkeypatch, capsys)
     entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one entry an option, its help below it
     for action in parser._actions:
@@ -45,6 +45,7 @@ def test_help_lists_every_option_with_its_default(name, monkeypatch, capsys):
             continue
         entry = [e for e in entries if re.match(re.escape(action.option_strings[0]) + r"[\s,]", e)]
         assert entry, f"{name}.py --help does not list {action.option_strings[0]}"
+        assert action.help and not action.help.lstrip().startswith("(default"), f"{action.dest} has no help text"
         if not action.required:
             assert "(default:" in " ".join(entry[0].split()), f"{name}.py --help gives no default for {action.dest}"
 

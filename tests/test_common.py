@@ -1,4 +1,4 @@
-"""common.py: the PNG grid, atomic writes, one-line errors."""
+"""common.py: the PNG grid, atomic writes, one-line errors, the number of threads."""
 import os
 import socket
 import stat
@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from common import argument_parser, atomic_write, save_grid, script
+from common import argument_parser, atomic_write, save_grid, script, set_threads
 
 
 def test_save_grid_lays_out_rows_and_columns(tmp_path):
@@ -80,3 +81,28 @@ def test_a_flag_error_is_one_line_pointing_to_help(capsys):
         parser.parse_args(["--compile", "yes"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'yes'" in err and "--help" in err
+
+
+@pytest.fixture
+def threads():
+    """Leaves PyTorch's thread count as it found it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_default_to_the_idle_cores_shared_among_the_processes(threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, processes, expected in [(0.0, 1, 8), (0.0, 2, 4), (5.6, 1, 2), (12.0, 1, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert set_threads(0, processes) == expected
+    assert set_threads(3) == 3
+
+
+def test_threads_follow_omp_num_threads_when_it_is_set(threads, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert set_threads(0) == 2 and set_threads(1) == 1
+    with pytest.raises(ValueError, match="--threads -1"):
+        set_threads(-1)
