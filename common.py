@@ -16,6 +16,7 @@ import argparse
 import functools
 import mmap
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -63,11 +64,13 @@ def argument_parser(doc):
 def script(main):
     """Wrap a script's main(argv) so that a user's mistake ends in one line: the library's USER_ERRORS and the
     script's own SystemExit messages become SystemExit("script.py: message") (exit status 1), Ctrl-C
-    "script.py: interrupted" (status 130). A script run by another (pipeline.py) adds its name in front."""
+    "script.py: interrupted" (status 130). A script run by another (pipeline.py) adds its name in front. The
+    handlers of SIGINT and SIGTERM are left as they were found."""
     name = os.path.basename(sys.modules[main.__module__].__file__)
 
     @functools.wraps(main)
     def run(argv=None):
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return main(argv)
         except SystemExit as e:
@@ -80,6 +83,9 @@ def script(main):
         except KeyboardInterrupt:
             log(f"{name}: interrupted")
             raise SystemExit(130) from None
+        finally:  # train.py's stop on a signal has handlers of its own
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     return run
 
 

@@ -324,7 +324,8 @@ class StopSignal:
     def __init__(self, world):
         self.signal = 0
         self.group = dist.new_group(backend="gloo") if world > 1 else None
-        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in (signal.SIGINT, signal.SIGTERM):  # common.script puts the previous handlers back
+            signal.signal(s, self.note)
 
     def note(self, signum, frame):
         if self.signal:
@@ -337,10 +338,6 @@ class StopSignal:
         if self.group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         return int(flags[0]), bool(flags[1])
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 # ---- the run ----
@@ -436,8 +433,8 @@ def main(argv=None):
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
 
-    micro = micro_batch(cfg, world)
-    accum = cfg.batch_size // (micro * world)
+    cfg.micro_batch_size = micro_batch(cfg, world)
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
     optimizer = model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
                                            device.type)
     step, batches, saved_step = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed), None
@@ -489,82 +486,79 @@ def main(argv=None):
             "or a smaller --grad_clip" if saved_step is not None else "No checkpoint was written: start again with "
             "a lower --learning_rate or a smaller --grad_clip"))
 
-    log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {micro} per step, "
-        f"{device}, compile={do_compile}, flips={cfg.flip}")
+    log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
+        f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
     model.train()
     t0, steps_since, first_step = time.time(), 0, step + 1
     last_save = time.time()
     first_bad, bad_loss = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
     val_loss = acc = None
     stop = StopSignal(world)
-    try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            indices = batches.next()
-            flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
-            loss_acc = torch.zeros((), device=device)
-            for m in range(accum):
-                part = slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
-                x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
-                sync = m == accum - 1 or world == 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    if cfg.clf:
-                        loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device))
-                    else:
-                        loss = model(x)[1]
-                    (loss / accum).backward()
-                loss_acc += loss.detach() / accum
-            if world > 1:
-                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
-            # Remember the first step whose loss was not finite, on the device: reading the loss on the host every
-            # step would make the CPU wait for the GPU instead of queueing the next step. It is read before each log
-            # line and each checkpoint, so weights touched by a bad step are never saved.
-            newly_bad = (first_bad == 0) & ~torch.isfinite(loss_acc)
-            first_bad = torch.where(newly_bad, step + 1, first_bad)
-            bad_loss = torch.where(newly_bad, loss_acc, bad_loss)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since += 1
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batches.next()
+        flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
+        loss_acc = torch.zeros((), device=device)
+        for micro in range(accum):
+            part = slice((micro * world + rank) * cfg.micro_batch_size,
+                         (micro * world + rank + 1) * cfg.micro_batch_size)
+            x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
+            sync = micro == accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                if cfg.clf:
+                    loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device))
+                else:
+                    loss = model(x)[1]
+                (loss / accum).backward()
+            loss_acc += loss.detach() / accum
+        if world > 1:
+            dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+        # Remember the first step whose loss was not finite, on the device: reading the loss on the host every step
+        # would make the CPU wait for the GPU instead of queueing the next step. It is read before each log line
+        # and each checkpoint, so weights touched by a bad step are never saved.
+        newly_bad = (first_bad == 0) & ~torch.isfinite(loss_acc)
+        first_bad, bad_loss = torch.where(newly_bad, step + 1, first_bad), torch.where(newly_bad, loss_acc, bad_loss)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since += 1
 
-            stopped, clock_due = stop.agree(cfg.ckpt_minutes > 0 and time.time() - last_save > 60 * cfg.ckpt_minutes)
-            log_now = step % cfg.log_interval == 0 or step in (first_step, cfg.max_steps)
-            eval_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
-            save_now = eval_now or stopped or clock_due or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)
-            if (log_now or save_now) and first_bad.item():
-                diverged(f"step {first_bad.item()}: the loss is {bad_loss.item()}")
-            if log_now:
-                loss_value, dt = loss_acc.item(), time.time() - t0
-                ips, per_step = steps_since * cfg.batch_size / dt, dt / steps_since
-                record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips, "s_per_step": per_step,
-                          "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time()}
-                log(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s, "
-                    f"{duration(per_step)} a step" + (f", mfu {100 * record['mfu']:.1f}%" if use_cuda else "")
-                    + f", {duration(per_step * (cfg.max_steps - step))} to go", flush=True)
-                write_log(record)
-                t0, steps_since = time.time(), 0
-            if eval_now:
-                val_loss, acc = evaluate(raw_model, X_va, Y_va, micro, autocast, device, rank, world,
-                                         cfg.eval_images)
-                log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}"
-                    + (f", accuracy {acc:.4f}" if acc is not None else ""))
-                write_log({"step": step, f"{cfg.eval_split}_loss": val_loss,
-                           **({"accuracy": acc} if acc is not None else {})})
-            if save_now:
-                saved_step, last_save = save(step), time.time()
-                t0, steps_since = time.time(), 0
-            if stopped:
-                if master:
-                    launcher = "torchrun ... " if world > 1 else "python "
-                    print(f"train.py: stopped by {signal.Signals(stopped).name} after step {step} and wrote "
-                          f"{ckpt_path}; continue with: {launcher}train.py --resume --out {cfg.out}", file=sys.stderr)
-                raise SystemExit(128 + stopped)
-    finally:
-        stop.restore()
+        stopped, clock_due = stop.agree(cfg.ckpt_minutes > 0 and time.time() - last_save > 60 * cfg.ckpt_minutes)
+        log_now = step % cfg.log_interval == 0 or step in (first_step, cfg.max_steps)
+        eval_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        save_now = eval_now or stopped or clock_due or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)
+        if (log_now or save_now) and first_bad.item():
+            diverged(f"step {first_bad.item()}: the loss is {bad_loss.item()}")
+        if log_now:
+            loss_value, dt = loss_acc.item(), time.time() - t0
+            ips, per_step = steps_since * cfg.batch_size / dt, dt / steps_since
+            record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips, "s_per_step": per_step,
+                      "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time()}
+            log(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s, "
+                f"{duration(per_step)} a step" + (f", mfu {100 * record['mfu']:.1f}%" if use_cuda else "")
+                + f", {duration(per_step * (cfg.max_steps - step))} to go", flush=True)
+            write_log(record)
+            t0, steps_since = time.time(), 0
+        if eval_now:
+            val_loss, acc = evaluate(raw_model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
+                                     cfg.eval_images)
+            log(f"step {step}: {cfg.eval_split} loss {val_loss:.4f}"
+                + (f", accuracy {acc:.4f}" if acc is not None else ""))
+            write_log({"step": step, f"{cfg.eval_split}_loss": val_loss,
+                       **({"accuracy": acc} if acc is not None else {})})
+        if save_now:
+            saved_step, last_save = save(step), time.time()
+            t0, steps_since = time.time(), 0
+        if stopped:
+            if master:
+                launcher = "torchrun ... " if world > 1 else "python "
+                print(f"train.py: stopped by {signal.Signals(stopped).name} after step {step} and wrote "
+                      f"{ckpt_path}; continue with: {launcher}train.py --resume --out {cfg.out}", file=sys.stderr)
+            raise SystemExit(128 + stopped)
     if world > 1:
         dist.barrier()  # rank 0 may still be writing the last checkpoint; leave together
         dist.destroy_process_group()
