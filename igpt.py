@@ -366,19 +366,17 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
 
 
 # ---- the checkpoint format: a .pt holding {"config": dict, "model": state_dict, "palette": tensor | None, ...} ----
-# Two checks guard a checkpoint. The crc32 of each tensor's bytes, stored in the file as "checksums", names a tensor
-# that changed; the crc32 of the whole file, which save_checkpoint writes into the zip's comment (torch's .pt is a
-# zip), catches a change anywhere else: the config, the names, the zip's own records. Loading verifies the file's
-# crc32, and only when it fails looks for the tensor to name.
-
-FILE_CRC = b"igpt-crc32:"  # the zip comment: this, then the crc32 of the file as torch wrote it, in 8 hex digits
+# Two checks guard it. The crc32 of each tensor's bytes, stored beside them as "checksums", names a tensor that
+# changed; the crc32 of the whole file, in the comment of torch's zip (FILE_CRC, then 8 hex digits), catches a change
+# anywhere else: the config, the names, the zip's own records. Loading verifies the file's crc32, and looks for the
+# tensor to name only when it fails.
+FILE_CRC = b"igpt-crc32:"
 
 
 def save_checkpoint(path, model=None, palette=None, **extra):
-    """Write a checkpoint atomically (temp file in the same folder, then rename), so an interrupted write never
-    leaves a broken file in place of a good one, with the checksums load_checkpoint verifies. extra entries
-    (optimizer state, step, ...) are stored beside. A tensor holding inf or nan is a ValueError: nothing
-    non-finite is ever saved."""
+    """Write a checkpoint, with the checksums load_checkpoint verifies, atomically (temp file in the same folder,
+    then rename), so an interrupted write never leaves a broken file in place of a good one. extra entries
+    (optimizer state, step, ...) are stored beside. Nothing non-finite is saved: inf or nan is a ValueError."""
     obj = dict(extra)
     if model is not None:
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -446,7 +444,7 @@ def load_checkpoint(path, map_location="cpu"):
                          "original TF checkpoint needs convert.py")
     if intact is None and "checksums" in ckpt:
         raise ValueError(f"{path!r} is corrupt: its zip comment, which records the file's crc32, is damaged")
-    if intact is None:
+    elif intact is None:
         log(f"note: {path} has no checksums (an earlier version wrote it), so it could not be verified")
     bad = first_nonfinite(ckpt)
     if bad is not None:
