@@ -231,7 +231,7 @@ def one_palette(*named, n_vocab=None):
         if pa.shape != pb.shape or not np.allclose(pa, pb, rtol=0, atol=1e-6):
             raise ValueError(f"the palettes of {a} ({len(pa)} colours) and {b} ({len(pb)} colours) differ: "
                              "tokens of one are other colours in the other; quantize the images with the model's "
-                             "palette (quantize.py --palette)")
+                             "palette (quantize.py --palette CHECKPOINT.pt)")
     return given[0][1] if given else None
 
 

@@ -5,6 +5,7 @@ Images to iGPT token files: read a dataset, fit (or load) the k-means colour pal
     python quantize.py data/cifar10-jpeg.zip:train --test data/cifar10-jpeg.zip:test --out data/cifar10
     python quantize.py cifar10:train --test cifar10:test --download data --out data/cifar10
     python quantize.py photos/ --out data/photos --palette kmeans_centers.npy --unlabelled
+    python quantize.py photos/ --out data/photos --palette out/ckpt.pt --unlabelled   # a model's own palette
 
 It writes {out}_trX.npy (uint16 [N, n_px*n_px]) and {out}_trY.npy (int64 labels), {out}_vaX/_vaY (a seeded
 --val_frac of the training images held out), {out}_teX/_teY (from --test), {out}_palette.npy and a preview,
@@ -34,6 +35,7 @@ import numpy as np
 from common import add_device_options, argument_parser, log, resolve_device, save_grid, script, set_threads
 from data import (CIFAR, SPLITS, begin_set, download_cifar, finish_set, holdout, load_images, make_shapes,
                   manifest_path, save_npy)
+from igpt import load_checkpoint
 from palette import decode, encode, fit_palette, load_palette, palette_mse
 
 
@@ -73,8 +75,9 @@ def parse_args(argv=None):
                    help="prefix of the files written: OUT_trX.npy, ..., e.g. data/cifar10")
     p.add_argument("--test", nargs="+", default=[], metavar="SOURCE",
                    help="test images (OUT_teX/teY), e.g. data.zip:test")
-    p.add_argument("--palette", default="", help="a palette .npy to use, e.g. the original kmeans_centers.npy "
-                                                 "('': fit one on the training split)")
+    p.add_argument("--palette", default="", help="a palette to use: a .npy such as the original kmeans_centers.npy, "
+                                                 "or a checkpoint .pt, whose palette is taken ('': fit one on the "
+                                                 "training split)")
     p.add_argument("--k", type=int, default=512, help="palette size when fitting")
     p.add_argument("--iters", type=int, default=100, help="most k-means steps (it stops early once settled)")
     p.add_argument("--n_px", type=int, default=32, help="images become n_px x n_px")
@@ -129,7 +132,12 @@ def main(argv=None):
     times["read"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if args.palette:
+    if args.palette.endswith(".pt"):
+        palette = load_checkpoint(args.palette).get("palette")
+        if palette is None:
+            raise SystemExit(f"--palette {args.palette}: the checkpoint holds no palette")
+        palette = np.asarray(palette, np.float32)
+    elif args.palette:
         palette = load_palette(args.palette)
     else:
         log(f"fitting {args.k} colours on {len(splits['tr'][0])} training images on {device}")

@@ -9,7 +9,9 @@ from PIL import Image
 import data
 import quantize
 from data import holdout, load_tokens, make_shapes
+from igpt import save_checkpoint
 from palette import decode, encode, find_palette, load_palette
+from tiny import tiny_model
 
 
 CLI = ["shapes", "--test", "shapes", "--num_images", "50", "--n_px", "8", "--k", "16", "--device", "cpu",
@@ -102,3 +104,13 @@ def test_cli_downloads_cifar(tmp_path, cifar_server, monkeypatch):
     quantize.main(["cifar10:train", "--test", "cifar10:test", "--download", str(tmp_path / "dl"), "--k", "8",
                    "--device", "cpu", "--val_frac", "0.2", "--out", out])
     assert load_tokens(out, "tr")[0].shape == (8, 1024) and load_tokens(out, "te")[1].tolist() == [9, 0, 1]
+
+
+def test_the_palette_can_be_a_checkpoints_own(tmp_path):
+    palette = np.random.default_rng(3).uniform(-1, 1, (16, 3)).astype(np.float32)
+    save_checkpoint(tmp_path / "m.pt", tiny_model(n_px=8), palette=palette)
+    quantize.main(CLI + ["--out", str(tmp_path / "s"), "--palette", str(tmp_path / "m.pt")])
+    np.testing.assert_array_equal(load_palette(str(tmp_path / "s_palette.npy")), palette)
+    save_checkpoint(tmp_path / "bare.pt", tiny_model(n_px=8))
+    with pytest.raises(SystemExit, match="the checkpoint holds no palette"):
+        quantize.main(CLI + ["--out", str(tmp_path / "t"), "--palette", str(tmp_path / "bare.pt")])
