@@ -284,6 +284,10 @@ def resumed_config(cfg, given, resume_state, ckpt_path):
     (such as --max_steps or --learning_rate); one that would change the model, the data or the order of the
     batches (RUN_DEFINING) is refused."""
     saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise SystemExit(f"{ckpt_path} was trained with options this train.py does not know ({unknown}): resume it "
+                         "with the version that wrote it")
     for name in sorted(given & set(RUN_DEFINING)):
         if name in saved and getattr(cfg, name) != saved[name]:
             raise SystemExit(f"--resume continues the run of {ckpt_path} with its own --{name} {saved[name]!r}; "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from igpt import IGPT, load_checkpoint
+from igpt import IGPT, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--log_interval", "1", "--warmup_steps", "2",
@@ -203,6 +203,18 @@ def test_resume_refuses_options_that_would_change_the_run_and_says_when_it_is_do
     assert run("--resume", "--out", tmp_path / "o", "--batch_size", 8)["step"] == 2  # the same value is no change
     assert "at step 2, the run's --max_steps 2: nothing to train; give a larger --max_steps" in capsys.readouterr().out
     assert run("--resume", "--out", tmp_path / "o", "--max_steps", 3)["step"] == 3
+
+
+def test_resume_refuses_a_checkpoint_of_options_it_does_not_know(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
+    path = tmp_path / "o" / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "model", "palette", "checksums")}
+    extra["train_config"] = {**extra["train_config"], "objective": "bert"}  # from a version with more options
+    save_checkpoint(path, IGPT.from_checkpoint(path), palette=ckpt["palette"], **extra)
+    with pytest.raises(SystemExit, match=r"options this train\.py does not know \(\['objective'\]\)"):
+        run("--resume", "--out", tmp_path / "o", "--max_steps", 2)
 
 
 def test_a_resumed_run_keeps_a_log_whose_last_line_a_kill_cut_short(tmp_path):
