@@ -279,6 +279,37 @@ def probe_fit():
 
 # ---- train.py: training throughput and MFU ----
 
+# ---- igpt.py's checkpoint format: what its checks cost ----
+
+@benchmark
+def checkpoint():
+    """save_checkpoint and load_checkpoint (the crc32 of every tensor and of the file, the check that every tensor
+    is finite) against the same atomic write and a torch.load without them, for a training checkpoint of iGPT-S
+    with its Adam state (0.9 GB), from and to the page cache (CPU-bound: it measures the host, not the GPU).
+    IGPT_BENCH_SMALL=1: 2 layers."""
+    from dataclasses import asdict
+
+    import igpt
+    from common import atomic_write
+    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    model = igpt.IGPT(igpt.IGPTConfig.preset("s", **({"n_layer": 2} if small else {})))
+    optimizer = model.configure_optimizers(1e-3)
+    model(torch.randint(0, 512, (1, 1024)))[1].backward()
+    optimizer.step()  # so that the Adam state exists
+    extra = {"optimizer": optimizer.state_dict(), "step": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        checked, plain = os.path.join(tmp, "checked.pt"), os.path.join(tmp, "plain.pt")
+        obj = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+        out = {"save_plain_s": timeit(lambda: atomic_write(plain, lambda f: torch.save(obj, f)), repeat=3),
+               "save_checked_s": timeit(lambda: igpt.save_checkpoint(checked, model, **extra), repeat=3),
+               "load_plain_s": timeit(lambda: torch.load(plain, weights_only=True), repeat=3),
+               "load_checked_s": timeit(lambda: igpt.load_checkpoint(checked), repeat=3),
+               "GB": os.path.getsize(checked) / 1e9}
+    print(f"{out['GB']:.2f} GB: save {out['save_plain_s']:.2f} s plain, {out['save_checked_s']:.2f} s with the "
+          f"checksums; load {out['load_plain_s']:.2f} s plain, {out['load_checked_s']:.2f} s verified", flush=True)
+    return out
+
+
 def _random_token_files(folder, n_images, n_px=32, n_vocab=512):
     import numpy as np
     rng = np.random.default_rng(0)

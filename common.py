@@ -6,11 +6,21 @@ Every script spells its options with underscores and lists each with its default
 (the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto
 meaning on a GPU; --ckpt names a checkpoint a script reads; --out is where it writes (a folder for train, sample,
 probe and pipeline; the token files' prefix for quantize; the converted file for convert).
+
+A mistake with a flag or a file ends in one line on stderr and a non-zero exit, never a traceback: argparse's
+errors (status 2) print no usage block, and each script's main, wrapped by @script, turns the library's errors
+(USER_ERRORS: ValueError, OSError, KeyError, ImportError) and its own SystemExit messages into `script.py: message`
+(status 1), and Ctrl-C into `script.py: interrupted` (status 130).
 """
 import argparse
+import functools
+import mmap
 import os
+import signal
+import socket
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 import torch
@@ -32,18 +42,58 @@ def default_device():
 SWITCH = ("auto", "on", "off")  # the choices of --compile and --fast: auto means on a GPU
 
 
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)  # what the library raises for a wrong flag or file
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the script's docstring as written and every option's default."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line that points to --help instead of the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def argument_parser(doc):
     """The parser every script starts from: its docstring above the options, each option with its default."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def script(main):
+    """Wrap a script's main(argv) so that a user's mistake ends in one line: the library's USER_ERRORS and the
+    script's own SystemExit messages become SystemExit("script.py: message") (exit status 1), Ctrl-C
+    "script.py: interrupted" (status 130). A script run by another (pipeline.py) adds its name in front. The
+    handlers of SIGINT and SIGTERM are left as they were found."""
+    name = os.path.basename(sys.modules[main.__module__].__file__)
+
+    @functools.wraps(main)
+    def run(argv=None):
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                raise SystemExit(f"{name}: {e.code}") from None
+            raise
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+            raise SystemExit(f"{name}: " + " ".join(str(message).split())) from None
+        except KeyboardInterrupt:
+            log(f"{name}: interrupted")
+            raise SystemExit(130) from None
+        finally:  # train.py's stop on a signal has handlers of its own
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    return run
 
 
 def add_device_options(parser, compile_what=None):
-    """--device, and --compile when the script can torch.compile something (compile_what says what)."""
+    """--device and --threads, and --compile when the script can torch.compile something (compile_what says what)."""
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch's CPU threads (0: $OMP_NUM_THREADS if set, else one per idle core)")
     if compile_what:
         parser.add_argument("--compile", default="auto", choices=SWITCH,
                             help=f"torch.compile {compile_what} (auto: on a GPU)")
@@ -67,6 +117,20 @@ def resolve_device(name):
     return device
 
 
+def set_threads(n, processes=1):
+    """Set PyTorch's CPU threads to n; for 0, leave $OMP_NUM_THREADS's choice if it is set, else take one for each
+    core the load average leaves idle, shared among `processes` (at least one). Threads beyond the idle cores
+    spin waiting for each other, which on a busy machine makes small models many times slower."""
+    if n < 0:
+        raise ValueError(f"--threads {n}: give a number of threads, or 0 to have it chosen")
+    if n == 0 and "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = cores - os.getloadavg()[0]
+    torch.set_num_threads(n or max(1, round(idle / processes)))
+    return torch.get_num_threads()
+
+
 def switch(value, device):
     """An auto/on/off choice as a bool: auto is on for a GPU."""
     if value not in SWITCH:
@@ -76,11 +140,18 @@ def switch(value, device):
 
 def atomic_write(path, write):
     """write(file) into a temp file beside `path` (folders made as needed), flushed to disk, then renamed over
-    `path`: an interrupted write never leaves a half-written file in place of a good one."""
+    `path`: an interrupted write never leaves a half-written file in place of a good one. The file gets the
+    user's usual permissions (those of the umask), and temp files of `path` that a killed write left behind are
+    removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    prefix = f".tmp-{os.path.basename(path)}.{socket.gethostname()}."
+    _remove_stale(folder, prefix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{prefix}{os.getpid()}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes its file private (0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -89,6 +160,76 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _remove_stale(folder, prefix):
+    """Remove the temp files named prefix + PID + ... whose writer, a process of this host, no longer runs; a
+    live writer's (or another host's, on a shared disk) are left alone."""
+    for name in os.listdir(folder):
+        pid = name[len(prefix):].split(".")[0]
+        if name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:  # another process removed it first
+                pass
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it does, and is another user's
+        pass
+    return True
+
+
+# ---- checksums ----
+
+def named_tensors(obj, prefix=""):
+    """(path, tensor) for every tensor in nested dicts, lists and tuples, e.g. ("optimizer/state/0/exp_avg", t); of
+    a sharded tensor (FSDP's DTensor) this process's shard."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj.to_local() if hasattr(obj, "to_local") else obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from named_tensors(v, f"{prefix}/{k}" if prefix else str(k))
+
+
+def first_nonfinite(obj):
+    """The path of the first floating-point tensor in obj (as named_tensors walks it) holding inf or nan, or None."""
+    for name, t in named_tensors(obj):  # min and max are finite only when every value is: one pass, no copy
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+            return name
+    return None
+
+
+def tensor_crc32(t):
+    """crc32 of a tensor's bytes."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def file_crc32(path, size=None):
+    """crc32 of a file's first `size` bytes (all of them by default), read through a memory map (no copies)."""
+    if (os.path.getsize(path) if size is None else size) == 0:
+        return 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+        with view[:size] as part:
+            return zlib.crc32(part)
+
+
+class Crc32Writer:
+    """A file that keeps the crc32 of everything written through it, in order."""
+
+    def __init__(self, f):
+        self.f, self.crc = f, 0
+
+    def write(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 def grid_image(images, pad=2, scale=1):

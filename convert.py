@@ -16,6 +16,9 @@ optimizer slots and global_step are skipped. A checkpoint without model/sos is o
     python convert.py --hf path/to/imagegpt-small --out igpt_s.pt                               # a local HF folder
     python convert.py --to_hf --ckpt igpt_s.pt --out imagegpt-small                             # ours -> HF folder
     python convert.py --from_dcp out/ckpt.dcp --out igpt_xl.pt                                  # sharded -> one file
+
+A Hugging Face folder keeps the palette where HF's ImageGPTImageProcessor reads it, as the "clusters" of
+preprocessor_config.json: --to_hf writes it and --hf reads it back.
 """
 import importlib
 import json
@@ -23,13 +26,14 @@ import math
 import os
 import re
 import time
+import zipfile
 
 import numpy as np
 import torch
 
 import parallel
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from common import argument_parser, log
+from common import argument_parser, atomic_write, log, script
 from data import fetch
 from palette import load_palette
 from tf_checkpoint import TFCheckpoint
@@ -122,11 +126,22 @@ def _require(module):
         raise ImportError(f"Hugging Face interop needs {module}: pip install {module}") from e
 
 
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+
+
 def hf_to_igpt(folder) -> IGPT:
     """An IGPT from a local Hugging Face ImageGPT folder: config.json plus model.safetensors or pytorch_model.bin
-    (e.g. a copy of openai/imagegpt-small)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    (e.g. a copy of openai/imagegpt-small), with the palette of preprocessor_config.json as `model.palette` (None
+    when the folder has none)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} is no Hugging Face model folder (it has no config.json): give a folder "
+                                "that save_pretrained wrote, such as a download of openai/imagegpt-small")
+    cfg = _read_json(os.path.join(folder, "config.json"))
     for key, want in [("activation_function", "quick_gelu"), ("layer_norm_epsilon", 1e-5),
                       ("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)]:
         if cfg.get(key, want) != want:
@@ -170,12 +185,20 @@ def hf_to_igpt(folder) -> IGPT:
             hf.pop(f"{p}{k}.bias", None)
     if hf:
         raise ValueError(f"{folder} has weights igpt's model has no place for: {sorted(hf)}")
-    return IGPT.from_state_dict(config, state).eval()
+    model = IGPT.from_state_dict(config, state).eval()
+    processor = os.path.join(folder, "preprocessor_config.json")
+    clusters = _read_json(processor).get("clusters") if os.path.isfile(processor) else None
+    model.palette = None if clusters is None else torch.tensor(clusters, dtype=torch.float32)
+    if model.palette is not None and model.palette.shape != (V, 3):
+        raise ValueError(f"{processor} has clusters of shape {list(model.palette.shape)}; the model needs [{V}, 3]")
+    return model
 
 
-def igpt_to_hf(model, folder, force=False):
+def igpt_to_hf(model, folder, force=False, palette=None):
     """Write model as a Hugging Face ImageGPT folder (config.json + model.safetensors) that
-    transformers.ImageGPTForCausalImageModeling.from_pretrained loads. The classifier head, if any, is left out."""
+    transformers.ImageGPTForCausalImageModeling.from_pretrained loads, and the palette (default: model.palette)
+    as the clusters of preprocessor_config.json, which AutoImageProcessor loads. The classifier head, if any, is
+    left out."""
     if model.config.bert:
         raise ValueError("a BERT model cannot be exported to Hugging Face: transformers' ImageGPT is autoregressive "
                          "only (it has no masked-pixel model to hold it); keep the igpt checkpoint")
@@ -202,6 +225,16 @@ def igpt_to_hf(model, folder, force=False):
         architectures=["ImageGPTForCausalImageModeling"])
     config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in hf.items()}, path, metadata={"format": "pt"})
+    palette = getattr(model, "palette", None) if palette is None else palette
+    if palette is None:
+        log(f"note: the model has no palette, so {folder} has no preprocessor_config.json: pass --palette NPY")
+        return
+    processor = {  # as ImageGPTImageProcessor.save_pretrained writes it
+        "image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette, np.float32).tolist(),
+        "do_resize": True, "size": {"height": c.n_px, "width": c.n_px}, "resample": 2, "do_normalize": True,
+        "do_color_quantize": True}
+    text = json.dumps(processor, indent=2) + "\n"
+    atomic_write(os.path.join(folder, "preprocessor_config.json"), lambda f: f.write(text.encode()))
 
 
 # ---- downloading the release (data.fetch: resumable, urllib only) ----
@@ -236,14 +269,15 @@ def _refuse_overwrite(path, force):
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
 
 
+@script
 def main(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("checkpoint", nargs="?", default=None, help="an original TF checkpoint prefix to convert")
     parser.add_argument("--out", default=None, help="the .pt to write (with --to_hf: the folder); with --download "
                         "it defaults to DIR/igpt-SIZE-STEP.pt (DIR/igpt-SIZE-bert-STEP.pt with --bert)")
     parser.add_argument("--palette", nargs="?", const=True, default=None, metavar="NPY",
-                        help="a palette .npy [n_vocab, 3] to store in the checkpoint; with --download and no NPY, "
-                        "the release's kmeans_centers.npy is fetched")
+                        help="a palette .npy [n_vocab, 3] to store in the checkpoint (or the HF folder); with "
+                        "--download and no NPY, the release's kmeans_centers.npy is fetched")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--download", choices=["s", "m", "l"], default=None,
                         help="fetch this released model size, then convert it")
@@ -276,12 +310,16 @@ def main(argv=None):
     if args.palette is True and not args.download:
         parser.error("--palette needs a path unless --download fetches the release's")
 
+    if args.checkpoint and zipfile.is_zipfile(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint} is a checkpoint of ours already (a .pt): sample.py, train.py and "
+                         f"probe.py read it as it is; to export it: convert.py --to_hf --ckpt {args.checkpoint} "
+                         "--out FOLDER")
+    palette = load_palette(args.palette) if isinstance(args.palette, str) else None
     if args.to_hf:
-        igpt_to_hf(IGPT.from_checkpoint(args.ckpt), args.out, args.force)
+        igpt_to_hf(IGPT.from_checkpoint(args.ckpt), args.out, args.force, palette)
         log(f"wrote {args.out}")
         return
     _refuse_overwrite(args.out, args.force)  # before hours of downloading
-    palette = load_palette(args.palette) if isinstance(args.palette, str) else None
     if args.download:
         prefix = download_release(args.download, args.step, args.dir, args.palette is True, args.dataset,
                                   args.base_url, args.bert)
@@ -290,6 +328,7 @@ def main(argv=None):
         model = tf_to_igpt(TFCheckpoint(prefix))
     elif args.hf:
         model = hf_to_igpt(args.hf)
+        palette = model.palette if palette is None else palette
     elif args.from_dcp:
         sharded = parallel.load_weights(args.from_dcp)
         model = IGPT.from_state_dict(IGPTConfig(**sharded["config"]), sharded["model"])

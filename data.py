@@ -18,15 +18,23 @@ white, the centre square cropped, then averaged down to n_px over boxes (enlarge
 Token files are the original release's: {prefix}_{split}X.npy holds the tokens (integer [N, n_px*n_px]; ours are
 uint16) and {prefix}_{split}Y.npy the labels (one-hot in the original, int64 in ours), for split tr, va or te
 (SPLITS), e.g. cifar10_trX.npy. load_tokens reads ours and the original's alike; holdout draws the seeded
-validation split that va holds.
+validation split that va holds. quantize.py writes its files as a set, {prefix}_manifest.json last (begin_set,
+finish_set): it names every file of the set with its size and crc32, and readers check the files they read against
+it (check_set), so they never mix the files of two runs, one of them cut short.
+
+No data file can run code: .npy files are read without pickles, CIFAR's pickles by an unpickler that admits only
+what the official files hold, and a zip member is refused before decompression when it declares more than
+MAX_MEMBER_BYTES.
 """
 import contextlib
 import hashlib
 import io
+import json
 import math
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -38,7 +46,8 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageOps
 
-from common import atomic_write, log
+from common import atomic_write, file_crc32, log
+from palette import find_palette, load_palette
 
 CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -49,6 +58,8 @@ CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "plus", "stripes_h", "stripes_v", "checker")
 SPLITS = ("tr", "va", "te")
+SPLIT_FOLDERS = {"train", "test", "val", "valid", "validation"}  # names of splits, not of classes
+MAX_MEMBER_BYTES = 1 << 28  # a zip member declaring more is no image (a 1 MB zip can declare gigabytes)
 
 
 # ---- images: any mode and size to RGB n_px x n_px; the dataset readers ----
@@ -80,6 +91,9 @@ def _read_files(task):
     with zipfile.ZipFile(zip_path) if zip_path else contextlib.nullcontext() as zf:
         for i, name in enumerate(names):
             try:
+                if zf and zf.getinfo(name).file_size > MAX_MEMBER_BYTES:  # checked before anything is unpacked
+                    raise ValueError(f"it unpacks to {zf.getinfo(name).file_size} bytes, more than "
+                                     f"MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES}")
                 with Image.open(io.BytesIO(zf.read(name)) if zf else name) as image:
                     out[i] = to_rgb(ImageOps.exif_transpose(image), n_px)
             except Exception as e:
@@ -121,6 +135,9 @@ def _layout(paths, where):
     if top:
         return top, None, []
     classes = sorted({p.split("/")[0] for p in nested})
+    if set(classes) <= SPLIT_FOLDERS:
+        raise ValueError(f"{where} holds the splits {classes}, not classes: name the split to read, as in "
+                         f"quantize.py {where}:train --test {where}:test")
     index = {c: i for i, c in enumerate(classes)}
     return nested, np.array([index[p.split("/")[0]] for p in nested], np.int64), classes
 
@@ -169,6 +186,32 @@ def _checked_labels(labels, n, where):
     return labels
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The official CIFAR pickles hold dicts, lists, bytes, str, numbers and numpy arrays. Only the three numpy
+    names that rebuild an array may be looked up, so a crafted file cannot call anything else."""
+    ARRAY = {"_reconstruct": np.ndarray.__reduce__(np.zeros(1))[0], "ndarray": np.ndarray, "dtype": np.dtype}
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR file never holds")
+        return self.ARRAY[name]
+
+
+def _cifar_pickle(path, keys):
+    """A CIFAR pickle (a dict holding `keys`), read by the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # truncated, corrupt or crafted: which, the message says
+        raise ValueError(f"{path} is not a readable CIFAR file ({e or type(e).__name__}); fetch the official "
+                         "archive again (quantize.py cifar10:train --download DIR)") from None
+    if not isinstance(batch, dict) or not all(k in batch for k in keys):
+        raise ValueError(f"{path} is not a CIFAR file: it lacks {[k.decode() for k in keys]}")
+    return batch
+
+
 def _read_cifar(folder, split, n_px):
     """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test; fine labels) in the official pickles."""
     c10 = os.path.isfile(os.path.join(folder, "data_batch_1"))
@@ -182,16 +225,17 @@ def _read_cifar(folder, split, n_px):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: not a complete CIFAR folder")
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        batch = _cifar_pickle(path, (b"data", key))
+        data = np.asarray(batch[b"data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: CIFAR data are uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
+        data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         images.append(data)
         labels.append(_checked_labels(batch[key], len(data), path))
     labels = np.concatenate(labels)
     classes = [str(i) for i in range(labels.max() + 1)]
     if os.path.isfile(os.path.join(folder, meta)):
-        with open(os.path.join(folder, meta), "rb") as f:
-            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[names_key]]
+        classes = [c.decode() for c in _cifar_pickle(os.path.join(folder, meta), (names_key,))[names_key]]
     return _resized(np.concatenate(images), n_px), labels, classes
 
 
@@ -235,7 +279,7 @@ def load_images(source, n_px=32, workers=None, progress=True):
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("data_batch_1", "test_batch", "meta")):
             return _read_cifar(path, split or "train", n_px)
-        return _read_folder(os.path.join(path, split), n_px, workers, progress)
+        return _read_folder(os.path.join(path, split) if split else path, n_px, workers, progress)
     if path.endswith((".npz", ".npy")) and split:
         raise ValueError(f"{source!r}: a :split applies to a folder or a .zip, not to a {path[-4:]} file")
     if path.endswith(".npz"):
@@ -391,34 +435,103 @@ def make_shapes(n, n_px=32, seed=0):
 
 # ---- token files ----
 
+TOKEN_FILE = re.compile(r"(.*)_(tr|va|te)([XY])\.npy")  # {prefix}_{split}X.npy or ..Y.npy
+
+
 def save_npy(path, array):
     atomic_write(path, lambda f: np.save(f, array))
 
 
 def load_tokens(prefix, split):
     """Token files {prefix}_{split}X.npy (memory-mapped, integer [N, n_px*n_px]) and {prefix}_{split}Y.npy if it
-    exists (one-hot or integer labels -> int64 [N], else None); split is tr, va or te. Ours and the original
-    release's alike."""
+    exists (integer labels [N] or [N, 1], or one-hot [N, classes] -> int64 [N], else None); split is tr, va or te.
+    Ours and the original release's alike; files of a set quantize.py wrote are checked against its manifest."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if TOKEN_FILE.fullmatch(os.fspath(prefix)):
+        raise ValueError(f"{prefix!r} is a token file; give the prefix of the files instead: "
+                         f"{TOKEN_FILE.fullmatch(os.fspath(prefix))[1]!r}")
     x_path, y_path = f"{prefix}_{split}X.npy", f"{prefix}_{split}Y.npy"
     if not os.path.isfile(x_path):
-        raise FileNotFoundError(f"no token file {x_path!r}; make it with: python quantize.py SOURCE --out {prefix}"
-                                + (" --test TEST_SOURCE" if split == "te" else ""))
+        inside = sorted(f[:-8] for f in os.listdir(prefix) if f.endswith("_trX.npy")) if os.path.isdir(prefix) else []
+        make = f"make it with: python quantize.py SOURCE --out {prefix}" + (" --test SOURCE" if split == "te" else "")
+        raise FileNotFoundError(f"no token file {x_path!r}; " + (
+            f"the folder {prefix} holds the prefixes {[os.path.join(prefix, p) for p in inside]}" if inside else make))
+    check_set(prefix, [p for p in (x_path, y_path) if os.path.isfile(p)])
     x = np.load(x_path, mmap_mode="r")
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{x_path}: tokens must be integers [N, n_px*n_px], got {x.dtype} {list(x.shape)}")
+    if len(x) == 0:
+        raise ValueError(f"{x_path} holds no images" + (" (quantize.py --val_frac 0 leaves va empty)" if split == "va"
+                                                        else "") + ": use another split, or quantize again")
     if not os.path.isfile(y_path):
         return x, None
     y = np.load(y_path)
-    if y.ndim == 2:  # one-hot, as in the original release
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of integer labels
+        y = y[:, 0]
+    elif y.ndim == 2 and ((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all():  # one-hot, as released
         y = y.argmax(1)
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))):
-        raise ValueError(f"{y_path}: labels must be integers [N] or one-hot [N, classes], got {y.dtype} "
+        raise ValueError(f"{y_path}: labels must be integers [N] or [N, 1], or one-hot [N, classes], got {y.dtype} "
                          f"{list(y.shape)}")
     if len(y) != len(x):
         raise ValueError(f"{y_path} has {len(y)} labels but {x_path} has {len(x)} images")
     return x, y.astype(np.int64)
+
+
+def set_palette(prefix):
+    """The palette of the token files `prefix` (palette.find_palette; checked against the set's manifest) as
+    (path, float32 [k, 3]), or (None, None) when there is none."""
+    path = find_palette(prefix)
+    if path is None:
+        return None, None
+    check_set(prefix, [path])
+    return path, load_palette(path)
+
+
+# ---- sets of files: {prefix}_manifest.json ----
+
+def manifest_path(prefix):
+    return f"{prefix}_manifest.json"
+
+
+def begin_set(prefix):
+    """Mark the set `prefix` as being written: readers refuse it until finish_set, so a run cut short never
+    leaves old and new files that pass for one set."""
+    atomic_write(manifest_path(prefix), lambda f: f.write(b'{"complete": false}\n'))
+
+
+def finish_set(prefix, paths):
+    """Record the set's files, now complete, with their sizes and crc32s."""
+    files = {os.path.basename(p): {"bytes": os.path.getsize(p), "crc32": file_crc32(p)} for p in paths}
+    text = json.dumps({"complete": True, "files": files}, indent=1) + "\n"
+    atomic_write(manifest_path(prefix), lambda f: f.write(text.encode()))
+
+
+def check_set(prefix, paths):
+    """Check files of the set `prefix` ({prefix}_*) against its manifest: each must be listed, with its size and
+    crc32. Without a manifest (the original release's files, say) they are read as they are."""
+    path = manifest_path(prefix)
+    paths = [p for p in paths if os.path.basename(p).startswith(os.path.basename(prefix) + "_")]
+    if not paths or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"] if manifest["complete"] else None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is damaged: run quantize.py again (with --force)") from None
+    if files is None:
+        raise ValueError(f"{path}: the quantize.py run writing these files did not finish; run it again "
+                         "(with --force)")
+    for p in paths:
+        entry = files.get(os.path.basename(p))
+        if entry is None:
+            raise ValueError(f"{p} is not one of the files {path} lists (left from another run?): run quantize.py "
+                             "again (with --force)")
+        if os.path.getsize(p) != entry["bytes"] or file_crc32(p) != entry["crc32"]:
+            raise ValueError(f"{p} is not the file {path} lists (it changed after quantize.py wrote the set): run "
+                             "quantize.py again (with --force)")
 
 
 def holdout(n, frac, seed):

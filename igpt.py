@@ -24,6 +24,8 @@ nanoGPT. The fast paths (fused GPU kernels, CUDA graphs) live beside this file i
 import inspect
 import math
 import os
+import warnings
+import zlib
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_write
+from common import Crc32Writer, atomic_write, file_crc32, first_nonfinite, log, named_tensors, tensor_crc32
 
 PRESETS = {  # the paper's models: n_embd, n_head, n_layer (76M, 455M, 1.4B, 6.8B parameters); s, m, l were released
     "s": dict(n_embd=512, n_head=8, n_layer=24),
@@ -54,7 +56,8 @@ class IGPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head takes "
+                             "n_embd/n_head channels, so pick n_embd a multiple of n_head")
         if not 0 < self.bert_mask_prob < 1:
             raise ValueError(f"bert_mask_prob={self.bert_mask_prob} must lie strictly between 0 and 1")
 
@@ -294,7 +297,10 @@ class IGPT(nn.Module):
         """Load a model saved by save_checkpoint (or train.py). The palette, when the file has one, is set as
         `model.palette` (float32 [n_vocab, 3] in [-1, 1]), else None."""
         ckpt = load_checkpoint(path, map_location)
-        model = cls.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
+        try:
+            model = cls.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         model.palette = ckpt.get("palette")
         return model
 
@@ -304,6 +310,9 @@ class IGPT(nn.Module):
         device, so no random initialisation runs only to be overwritten."""
         with torch.device("meta"):
             model = cls(config)
+        mismatch = weights_mismatch(model, state)
+        if mismatch:
+            raise ValueError(f"the weights do not fit the model of its config: {mismatch}")
         model.load_state_dict(state, assign=True)
         return model
 
@@ -339,6 +348,16 @@ def fixed_mask(image_ids, config, seed=0):
     seed = (seed,) if isinstance(seed, int) else tuple(seed)
     rows = [np.random.default_rng([*seed, int(i)]).random(config.block_size) for i in image_ids]
     return torch.from_numpy(np.stack(rows) < config.bert_mask_prob)
+def weights_mismatch(model, state, optional=()):
+    """Why the tensors of `state` cannot load into `model` (missing, unexpected or misshaped; names in `optional`
+    may be missing), in one line, or "" when they fit."""
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    got = {k: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
+    missing, unexpected = sorted(set(want) - set(got) - set(optional)), sorted(set(got) - set(want))
+    problems = [f"{k} is {got[k]}, the model's is {want[k]}" for k in want if k in got and got[k] != want[k]]
+    problems += [f"{what} {names[:4]}{' and more' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    return "; ".join(problems)
 
 
 def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None):
@@ -409,10 +428,17 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
 
 
 # ---- the checkpoint format: a .pt holding {"config": dict, "model": state_dict, "palette": tensor | None, ...} ----
+# Two checks guard it. The crc32 of each tensor's bytes, stored beside them as "checksums", names a tensor that
+# changed; the crc32 of the whole file, in the comment of torch's zip (FILE_CRC, then 8 hex digits), catches a change
+# anywhere else: the config, the names, the zip's own records. Loading verifies the file's crc32, and looks for the
+# tensor to name only when it fails.
+FILE_CRC = b"igpt-crc32:"
+
 
 def save_checkpoint(path, model=None, palette=None, **extra):
-    """Write a checkpoint atomically (temp file in the same folder, then rename), so an interrupted write never
-    leaves a broken file in place of a good one. extra entries (optimizer state, step, ...) are stored beside."""
+    """Write a checkpoint, with the checksums load_checkpoint verifies, atomically (temp file in the same folder,
+    then rename), so an interrupted write never leaves a broken file in place of a good one. extra entries
+    (optimizer state, step, ...) are stored beside. Nothing non-finite is saved: inf or nan is a ValueError."""
     obj = dict(extra)
     if model is not None:
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -420,23 +446,74 @@ def save_checkpoint(path, model=None, palette=None, **extra):
         obj["model"] = model.state_dict()
     if palette is not None:
         obj["palette"] = torch.as_tensor(palette, dtype=torch.float32)
-    atomic_write(path, lambda f: torch.save(obj, f))
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise ValueError(f"not writing {path}: {bad} holds inf or nan")
+    obj["checksums"] = {name: tensor_crc32(t) for name, t in named_tensors(obj)}
+
+    def write(f):
+        crc = Crc32Writer(f)
+        torch.save(obj, crc)
+        comment = FILE_CRC + b"%08x" % crc.crc
+        f.seek(-2, os.SEEK_END)  # the zip ends with the length of its comment, empty as torch writes it
+        f.write(len(comment).to_bytes(2, "little") + comment)
+    atomic_write(path, write)
+
+
+def _file_crc32_matches(path):
+    """Whether the file's zip comment holds the crc32 of the file as torch wrote it (that is, with an empty
+    comment); None when it has no such comment."""
+    n, size = len(FILE_CRC) + 8, os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - n - 2))
+        tail = f.read()
+    if tail[:2] != n.to_bytes(2, "little") or tail[2:-8] != FILE_CRC:
+        return None
+    return tail[-8:] == b"%08x" % zlib.crc32(b"\0\0", file_crc32(path, size - n - 2))
+
+
+def _changed_part(ckpt):
+    """What no longer matches in a checkpoint whose file fails its crc32: a tensor, or what lies around them."""
+    if not isinstance(ckpt, dict):
+        return "its structure (torch can no longer read it)"
+    checksums = ckpt.get("checksums") if isinstance(ckpt.get("checksums"), dict) else {}
+    for name, t in named_tensors(ckpt):
+        if checksums.get(name) != tensor_crc32(t):
+            return f"tensor {name}"
+    return "a part outside the tensors' bytes (the config, the names or the zip's records)"
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by save_checkpoint, with weights_only=True (no code runs from the file)."""
+    """Read a checkpoint written by save_checkpoint, with weights_only=True (no code runs from the file), and
+    verify it: a file changed since it was written (a flipped byte anywhere), or holding inf or nan, is a
+    ValueError that names the file and the tensor or part."""
+    path = os.fspath(path)
     if os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{path!r} is the folder of a sharded checkpoint (train.py --fsdp); make it one file with: "
                          f"python convert.py --from_dcp {path} --out model.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; for the original TF release run convert.py first")
+    intact = _file_crc32_matches(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable igpt checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not an igpt checkpoint: it lacks 'config' and 'model' "
-                         "(an original TF checkpoint needs convert.py)")
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # torch's own message would suggest loading the file unsafely
+        ckpt = None
+    if intact is False:
+        raise ValueError(f"{path!r} is corrupt: {_changed_part(ckpt)} changed since it was written (its crc32 "
+                         "does not match); use another copy")
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("config", "model")):
+        raise ValueError(f"{path!r} is not an igpt checkpoint (train.py and convert.py write them): it is another "
+                         "kind of file, cut short, or holds Python objects beyond tensors and plain values; an "
+                         "original TF checkpoint needs convert.py")
+    if intact is None and "checksums" in ckpt:
+        raise ValueError(f"{path!r} is corrupt: its zip comment, which records the file's crc32, is damaged")
+    elif intact is None:
+        log(f"note: {path} has no checksums (an earlier version wrote it), so it could not be verified")
+    bad = first_nonfinite(ckpt)
+    if bad is not None:
+        raise ValueError(f"{path!r}: {bad} holds inf or nan (a diverged run's weights?); use an earlier checkpoint")
     known = {f.name for f in fields(IGPTConfig)}
     unknown = set(ckpt["config"]) - known
     if unknown:

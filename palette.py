@@ -120,6 +120,9 @@ def fit_palette(images_or_pixels, k=512, iters=100, seed=0, device=None, progres
             raise ValueError(f"init must be [k, 3] = [{k}, 3], got {list(centres.shape)}")
     colours, counts = _distinct(codes)
     del codes
+    if len(colours) < k:
+        log(f"note: the images hold only {len(colours)} distinct colours, so {k - len(colours)} of the {k} palette "
+            f"colours stay unused; --k {len(colours)} would lose nothing")
     rgb = _rgb(colours)
     x, weighted = _unit(rgb), rgb * counts[:, None]  # sums of integer RGB are exact, so any summation order agrees
     for it in range(iters):
@@ -214,6 +217,22 @@ def load_palette(path):
     if not np.isfinite(palette).all() or np.abs(palette).max(initial=0) > 1 + 1e-6:
         raise ValueError(f"{path!r}: palette colours must lie in [-1, 1] (pixel/127.5 - 1)")
     return palette.astype(np.float32)
+
+
+def one_palette(*named, n_vocab=None):
+    """The palette that every (name, palette) pair holds, pairs whose palette is None left out, or None when no
+    pair has one. Palettes that differ, or one whose size is not n_vocab (a model's), are a ValueError naming
+    them: a token means another colour in each."""
+    given = [(name, np.asarray(p, np.float32)) for name, p in named if p is not None]
+    if given and n_vocab is not None and len(given[0][1]) != n_vocab:
+        raise ValueError(f"the palette of {given[0][0]} has {len(given[0][1])} colours but the model has "
+                         f"{n_vocab} tokens: give the data and the model of one palette")
+    for (a, pa), (b, pb) in zip(given, given[1:]):
+        if pa.shape != pb.shape or not np.allclose(pa, pb, rtol=0, atol=1e-6):
+            raise ValueError(f"the palettes of {a} ({len(pa)} colours) and {b} ({len(pb)} colours) differ: "
+                             "tokens of one are other colours in the other; quantize the images with the model's "
+                             "palette (quantize.py --palette CHECKPOINT.pt)")
+    return given[0][1] if given else None
 
 
 def find_palette(prefix):

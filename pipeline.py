@@ -2,7 +2,8 @@
 The whole method end to end in one command: quantize -> train -> evaluate -> sample -> complete -> probe.
 
     python pipeline.py                                                   # built-in shapes, CPU, a few minutes
-    python pipeline.py --recipe cifar10 --source data/cifar10-jpeg.zip   # CIFAR-10 from scratch, one GPU
+    python pipeline.py --recipe cifar10                                  # CIFAR-10 from scratch, one GPU
+    python pipeline.py --recipe cifar10 --source data/cifar10-jpeg.zip   # the same from JPEGs in class folders
     python pipeline.py --recipe cifar10 --stages sample,complete --force # redo some stages of that run
 
 Each stage is the matching script run with the recipe's flags (RECIPES below; `python X.py --help` explains
@@ -23,7 +24,8 @@ import probe
 import quantize
 import sample
 import train
-from common import add_device_options, argument_parser, atomic_write
+from common import add_device_options, argument_parser, atomic_write, script
+from data import CIFAR
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
@@ -40,7 +42,7 @@ RECIPES = {
     # CIFAR-10 from scratch on one H100 in about 10 minutes: a 12-layer, 512-wide iGPT (half of iGPT-S's depth,
     # 39M parameters) for 3,500 steps of 128 images (10 epochs of the 45,000-image train split).
     "cifar10": {
-        "quantize": ["{source}:train", "--test", "{source}:test"],
+        "quantize": ["{source}:train", "--test", "{source}:test", "--download", "data"],
         "train": ["--n_layer", "12", "--n_embd", "512", "--n_head", "8", "--batch_size", "128",
                   "--micro_batch_size", "128", "--max_steps", "3500", "--learning_rate", "3e-3",
                   "--warmup_steps", "200", "--eval_interval", "1000", "--log_interval", "50"],
@@ -54,7 +56,7 @@ SCRIPTS = {"quantize": quantize, "train": train, "evaluate": train, "sample": sa
 STAGES = tuple(SCRIPTS)
 
 
-def stage_args(recipe, stage, out, source, force, device):
+def stage_args(recipe, stage, out, source, force, device, threads=0):
     """The argv of one stage's script: the recipe's flags plus the paths that tie the stages together."""
     flags = [a.format(source=source) for a in RECIPES[recipe].get(stage, [])]
     data, ckpt = os.path.join(out, "data", recipe), os.path.join(out, "train", "ckpt.pt")
@@ -66,9 +68,8 @@ def stage_args(recipe, stage, out, source, force, device):
         "complete": ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", out],
         "probe": ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")],
     }[stage]
-    # evaluate and probe write nothing that --force guards (probe's outputs are a cache and a report)
-    overwrite = ["--force"] if force and stage not in ("evaluate", "probe") else []
-    return flags + paths + ["--device", device] + overwrite
+    overwrite = ["--force"] if force and stage != "evaluate" else []  # evaluating writes nothing
+    return flags + paths + ["--device", device, "--threads", str(threads)] + overwrite
 
 
 def summarise(stage, result):
@@ -82,12 +83,14 @@ def summarise(stage, result):
     return result
 
 
+@script
 def main(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES), help="what to train")
-    p.add_argument("--source", default="data/cifar10-jpeg.zip",
-                   help="the images for recipes that read a dataset: a zip or folder with train/ and test/ class "
-                        "folders, or CIFAR-10's python pickle folder")
+    p.add_argument("--source", default="cifar10",
+                   help="the images for recipes that read a dataset: cifar10 (the official archive, fetched into "
+                        "data/ when it is not there), a zip or folder with train/ and test/ class folders, or "
+                        "CIFAR-10's python pickle folder")
     p.add_argument("--out", default="", help="output folder ('': out/RECIPE)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated stages to run, in order")
@@ -99,15 +102,20 @@ def main(argv=None):
     if unknown or not stages:
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     needs_source = "quantize" in stages and any("{source}" in a for a in RECIPES[args.recipe]["quantize"])
-    if needs_source and not os.path.exists(args.source):
+    if needs_source and args.source not in CIFAR and not os.path.exists(args.source):
         p.error(f"--source {args.source!r} does not exist: the {args.recipe} recipe reads its images from it "
-                "(a zip or folder with train/ and test/ class folders, e.g. CIFAR-10 as JPEGs)")
+                "(a zip or folder with train/ and test/ class folders, or cifar10 for the official archive)")
     out = args.out or os.path.join("out", args.recipe)
     summary_path = os.path.join(out, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    try:
+        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    except ValueError as e:
+        summary = str(e)
+    if not isinstance(summary, dict):
+        raise SystemExit(f"{summary_path} is not a summary ({summary}): move it away, or choose another --out")
     summary["recipe"] = args.recipe
     for stage in stages:
-        argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device)
+        argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device, args.threads)
         print(f"== {stage}: python {SCRIPTS[stage].__name__}.py {' '.join(argv_stage)}", flush=True)
         t0 = time.time()
         result = SCRIPTS[stage].main(argv_stage)

@@ -45,8 +45,10 @@ from PIL import Image, ImageDraw
 
 from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
-from common import add_device_options, argument_parser, atomic_write, default_device, resolve_device, switch
-from data import load_tokens
+from common import (add_device_options, argument_parser, atomic_write, default_device, resolve_device, script,
+                    set_threads, switch)
+from data import load_tokens, save_npy, set_palette
+from palette import one_palette
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
@@ -160,8 +162,7 @@ def cache_dir(ckpt, data, out_dir):
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(out_dir, "features", key)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump(ident, f, indent=2)
+    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(ident, indent=2).encode()))
     return folder
 
 
@@ -176,9 +177,7 @@ def cached_features(model, X, split, layers, folder, masks=1, **kwargs):
             feats = extract_features(model, X, missing, progress=f"features {split}",
                                      mask_seed=(SPLITS.index(split), k), **kwargs)
             for j, l in enumerate(missing):
-                tmp = paths[l][k] + ".tmp.npy"  # write then rename: an interrupted run leaves no half-written cache
-                np.save(tmp, feats[:, j].numpy())
-                os.replace(tmp, paths[l][k])
+                save_npy(paths[l][k], feats[:, j].numpy())
     return paths
 
 
@@ -273,17 +272,21 @@ def load_split(data, split):
 
 
 def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
-                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1):
+                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1, force=False):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
-    plot to {out}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
-    torch.compile the feature pass (default: on CUDA); bert_masks: for a BERT model, the masks each va and te
-    image is read under (their predictions' mode counts). Returns the table's rows."""
+    plot to {out}/probe.png (existing ones only with force). layers: a spec for parse_layers or a list; Cs:
+    "0.01,0.1" or a list; compile: torch.compile the feature pass (default: on CUDA); bert_masks: for a BERT model,
+    the masks each va and te image is read under (their predictions' mode counts). Returns the table's rows."""
     device = device or default_device()
+    existing = [p for p in (os.path.join(out, "probe.json"), os.path.join(out, "probe.png")) if os.path.exists(p)]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists: pass --force to overwrite it, or choose another --out")
     model = IGPT.from_checkpoint(ckpt)
     if bert_masks < 1 or (bert_masks > 1 and not model.config.bert):
         raise ValueError(f"bert_masks={bert_masks}: it must be at least 1, and above 1 only for a BERT model "
                          "(an autoregressive one reads every image whole)")
+    one_palette(set_palette(data), (ckpt, model.palette), n_vocab=model.config.n_vocab)
     layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
     Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
     if not Cs or Cs[0] <= 0:
@@ -343,6 +346,7 @@ def plot(rows, path, title="linear probe", size=(640, 400)):
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+@script
 def main(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="model checkpoint (ours, or an original one after convert.py)")
@@ -359,13 +363,12 @@ def main(argv=None):
     p.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
                    "the mean objective is at most this")
+    p.add_argument("--force", action="store_true", help="overwrite probe.json and probe.png of an earlier run")
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
-                            switch(args.compile, device), args.max_iter, args.tol, args.bert_masks)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
+                        switch(args.compile, device), args.max_iter, args.tol, args.bert_masks, args.force)
 
 
 if __name__ == "__main__":

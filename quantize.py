@@ -5,12 +5,14 @@ Images to iGPT token files: read a dataset, fit (or load) the k-means colour pal
     python quantize.py data/cifar10-jpeg.zip:train --test data/cifar10-jpeg.zip:test --out data/cifar10
     python quantize.py cifar10:train --test cifar10:test --download data --out data/cifar10
     python quantize.py photos/ --out data/photos --palette kmeans_centers.npy --unlabelled
+    python quantize.py photos/ --out data/photos --palette out/ckpt.pt --unlabelled   # a model's own palette
 
 It writes {out}_trX.npy (uint16 [N, n_px*n_px]) and {out}_trY.npy (int64 labels), {out}_vaX/_vaY (a seeded
 --val_frac of the training images held out), {out}_teX/_teY (from --test), {out}_palette.npy and a preview,
 {out}_preview.png (originals beside their quantized versions): the original release's naming, so train.py and
 probe.py read ours and the original's alike (data.load_tokens). When the palette is fitted, it is fitted on the
-training split only.
+training split only. Last comes {out}_manifest.json, naming every file of the set with its checksum: readers check
+the files against it, so a run cut short (or a file from another run) is refused rather than mixed in.
 
 A SOURCE is PATH[:SPLIT] as data.py reads it: a folder with one sub-folder per class (or of images without
 classes), the same inside a .zip (data.zip:train reads its train/ folder), CIFAR-10/100's pickle folder,
@@ -30,8 +32,10 @@ import time
 
 import numpy as np
 
-from common import add_device_options, argument_parser, log, resolve_device, save_grid
-from data import CIFAR, SPLITS, download_cifar, holdout, load_images, make_shapes, save_npy
+from common import add_device_options, argument_parser, log, resolve_device, save_grid, script, set_threads
+from data import (CIFAR, SPLITS, begin_set, download_cifar, finish_set, holdout, load_images, make_shapes,
+                  manifest_path, save_npy)
+from igpt import load_checkpoint
 from palette import decode, encode, fit_palette, load_palette, palette_mse
 
 
@@ -71,8 +75,9 @@ def parse_args(argv=None):
                    help="prefix of the files written: OUT_trX.npy, ..., e.g. data/cifar10")
     p.add_argument("--test", nargs="+", default=[], metavar="SOURCE",
                    help="test images (OUT_teX/teY), e.g. data.zip:test")
-    p.add_argument("--palette", default="", help="a palette .npy to use, e.g. the original kmeans_centers.npy "
-                                                 "('': fit one on the training split)")
+    p.add_argument("--palette", default="", help="a palette to use: a .npy such as the original kmeans_centers.npy, "
+                                                 "or a checkpoint .pt, whose palette is taken ('': fit one on the "
+                                                 "training split)")
     p.add_argument("--k", type=int, default=512, help="palette size when fitting")
     p.add_argument("--iters", type=int, default=100, help="most k-means steps (it stops early once settled)")
     p.add_argument("--n_px", type=int, default=32, help="images become n_px x n_px")
@@ -92,25 +97,22 @@ def parse_args(argv=None):
     return args
 
 
+@script
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as e:
-        raise SystemExit(f"quantize.py: {e}") from None
+    device = str(resolve_device(args.device))
+    set_threads(args.threads)
     out = {f"{s}{xy}": f"{args.out}_{s}{xy}.npy" for s in SPLITS for xy in "XY"}
-    out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png"}
+    out |= {"palette": f"{args.out}_palette.npy", "preview": f"{args.out}_preview.png",
+            "manifest": manifest_path(args.out)}
     existing = [p for p in out.values() if os.path.exists(p)]
     if existing and not args.force:
         raise SystemExit(f"refusing to overwrite {', '.join(existing)}: pass --force, or choose another --out")
     times = {}
 
     t0 = time.perf_counter()
-    try:
-        images, labels, classes = read_sources(args.source, args)
-        test = read_sources(args.test, args, test=True) if args.test else None
-    except (FileNotFoundError, ValueError) as e:  # a missing or unreadable source: its message, no traceback
-        raise SystemExit(f"quantize.py: {e}") from e
+    images, labels, classes = read_sources(args.source, args)
+    test = read_sources(args.test, args, test=True) if args.test else None
     if not args.unlabelled and (labels is None or (test and test[1] is None)):
         raise SystemExit("a source has no labels (class folders, CIFAR or ImageNet files have them): "
                          "pass --unlabelled to write tokens without labels")
@@ -130,7 +132,12 @@ def main(argv=None):
     times["read"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if args.palette:
+    if args.palette.endswith(".pt"):
+        palette = load_checkpoint(args.palette).get("palette")
+        if palette is None:
+            raise SystemExit(f"--palette {args.palette}: the checkpoint holds no palette")
+        palette = np.asarray(palette, np.float32)
+    elif args.palette:
         palette = load_palette(args.palette)
     else:
         log(f"fitting {args.k} colours on {len(splits['tr'][0])} training images on {device}")
@@ -143,6 +150,7 @@ def main(argv=None):
     times["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    begin_set(args.out)  # from here until finish_set, readers refuse the set
     written = []
     for s, (x, y) in splits.items():
         save_npy(out[f"{s}X"], tokens[s])
@@ -158,9 +166,10 @@ def main(argv=None):
     pairs[:len(pick), 0], pairs[:len(pick), 1] = x[pick], decode(tokens["tr"][pick], palette)
     save_grid(pairs.reshape(-1, 2 * cols, args.n_px, args.n_px, 3), out["preview"], scale=max(1, 64 // args.n_px))
     written += [out["palette"], out["preview"]]
-    for p in set(out.values()) - set(written):  # with --force, leave no file of an earlier run behind
+    for p in set(out.values()) - set(written) - {out["manifest"]}:  # with --force, no file of an earlier run stays
         if os.path.exists(p):
             os.remove(p)
+    finish_set(args.out, written)
     times["write"] = time.perf_counter() - t0
 
     counts = ", ".join(f"{s} {len(x)}" for s, (x, _) in splits.items())
@@ -170,7 +179,7 @@ def main(argv=None):
     print(f"palette: {len(palette)} colours, " + (f"from {args.palette}" if args.palette else "fitted on tr")
           + f"; mse per pixel on tr {mse:.6f} (rms {127.5 * math.sqrt(mse / 3):.2f} of 255 per channel)")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {', '.join(written + [out['manifest']])}")
     return {"images": {s: len(x) for s, (x, _) in splits.items()}, "classes": classes, "palette_mse": mse,
             "seconds": times}
 

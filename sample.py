@@ -20,11 +20,11 @@ import time
 import numpy as np
 import torch
 
-from common import SWITCH, add_device_options, argument_parser, resolve_device, save_grid, switch
-from data import load_images, save_npy
+from common import SWITCH, add_device_options, argument_parser, resolve_device, save_grid, script, set_threads, switch
+from data import TOKEN_FILE, check_set, load_images, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
-from palette import decode, encode, load_palette
+from palette import decode, encode, load_palette, one_palette
 
 
 def parse_args(argv=None):
@@ -60,10 +60,15 @@ def parse_args(argv=None):
 
 
 def load_prime(source, palette, n_px, n_vocab, count):
-    """Up to `count` images to complete, as tokens [N, n_px*n_px] (from image files or a token .npy)."""
+    """Up to `count` images to complete, as tokens [N, n_px*n_px] (from image files or a token .npy; a token file
+    of a set quantize.py wrote must be of the set and of the palette sampled with)."""
     if source.endswith(".npy"):
         if not os.path.isfile(source):
             raise SystemExit(f"--prime {source!r}: no such file")
+        token_file = TOKEN_FILE.fullmatch(source)
+        if token_file:
+            check_set(token_file[1], [source])
+            one_palette(set_palette(token_file[1]), ("the model", palette))
         tokens = np.load(source, mmap_mode="r")
         if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
             raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
@@ -98,12 +103,11 @@ def completions_layout(originals, completions, prime_rows):
     return np.concatenate([kept_rows(originals, prime_rows)[:, None], completions, originals[:, None]], axis=1)
 
 
+@script
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise SystemExit(f"sample.py: {e}") from None
+    device = resolve_device(args.device)
+    set_threads(args.threads)
     name = "completions" if args.prime else "samples"
     png, npy = os.path.join(args.out, name + ".png"), os.path.join(args.out, name + ".npy")
     for path in (png, npy):
@@ -143,7 +147,7 @@ def main(argv=None):
     try:
         sampler = Engine(model, fast=fast, compile=compile_step)  # its buffers and graphs serve every batch
     except ValueError as e:
-        raise SystemExit(f"sample.py: --fast on: {e}") from None
+        raise SystemExit(f"--fast on: {e}") from None
     path = "the fused step" if sampler.fast else "the plain path"
     print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, {path}, compiled: {compile_step})")
     t0 = time.time()

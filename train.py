@@ -4,7 +4,7 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
 
     python train.py --data data/cifar10 --model s                       # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --data data/cifar10            # DDP on 8 GPUs
-    python train.py --config config/cifar10.py --max_steps 5000         # a file of overrides, then flags
+    python train.py --config run.py --max_steps 5000                    # a file of overrides, then flags
     python train.py --resume --out out                                  # continue exactly where it stopped
     torchrun --nproc_per_node=8 train.py --model xl --fsdp --activation_checkpointing   # sharded (parallel.py)
     python train.py --model xl --fsdp --dry_run                         # the memory a GPU needs; no training
@@ -12,8 +12,14 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
     python train.py --ckpt igpt_s.pt --clf --data data/cifar10          # fine-tune: classifier + generative loss
     python train.py --bert --data data/cifar10                          # pretrain with the BERT objective
 
-Every option, its default and its meaning: python train.py --help. A config file holds `name = value` lines
-(Python literals), read without running any code.
+Every option, its default and its meaning: python train.py --help. A config file (run.py above, any name) holds
+`name = value` lines with option names and Python literals, e.g. `batch_size = 128`, read without running any code.
+
+Checkpoints ({out}/ckpt.pt, written atomically) come every --ckpt_minutes and every --ckpt_interval steps, at each
+evaluation and at the end. Ctrl-C or SIGTERM finishes the step, writes one, says how to resume and exits with
+status 128 + the signal's number; under torchrun every rank stops at the same step (allow torchrun's
+--shutdown_timeout for the write). Nothing non-finite is ever saved: a run whose loss or weights stop being finite
+ends, naming the last good checkpoint.
 """
 import argparse
 import ast
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,10 +42,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import parallel
-from common import SWITCH, argument_parser, resolve_device, switch
-from data import load_tokens
-from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint
-from palette import find_palette, load_palette
+from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, resolve_device, script, set_threads,
+                    switch)
+from data import load_tokens, set_palette
+from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint, weights_mismatch
+from palette import load_palette, one_palette
 
 
 @dataclass
@@ -51,9 +59,9 @@ class TrainConfig:
     # model
     model: str = "s"                # size preset: s, m, l, xl
     n_px: int = 0                   # image side; 0: the data's (--dry_run without data: 32)
-    n_layer: int = 0                # > 0 overrides the preset
-    n_embd: int = 0
-    n_head: int = 0
+    n_layer: int = 0                # layers; > 0 overrides the preset's
+    n_embd: int = 0                 # width; > 0 overrides the preset's (a multiple of n_head)
+    n_head: int = 0                 # attention heads; > 0 overrides the preset's
     ckpt: str = ""                  # start from this checkpoint's weights (ours or converted originals)
     clf: bool = False               # fine-tune: classifier on mean-pooled final features + generative loss
     gen_weight: float = 1.0         # with --clf, loss = clf_loss + gen_weight * gen_loss
@@ -61,28 +69,31 @@ class TrainConfig:
     bert_mask_prob: float = 0.0     # > 0 sets BERT's share of masked positions (else --ckpt's, or 0.15)
     # optimisation: the paper's recipe (Adam 0.9/0.95, no weight decay, warmup then cosine to 0)
     batch_size: int = 64            # images per optimizer step, over all GPUs and accumulation steps
-    micro_batch_size: int = 32      # images per forward pass on one GPU
-    max_steps: int = 10000
-    learning_rate: float = 3e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 500
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
+    micro_batch_size: int = 0       # images per forward pass on one GPU (0: from the batch, at most 32)
+    max_steps: int = 10000          # optimizer steps of the whole run
+    learning_rate: float = 3e-3     # the peak, reached at the end of the warmup
+    min_lr: float = 0.0             # where the cosine decay ends, at max_steps
+    warmup_steps: int = 500         # steps of linear warmup from 0
+    beta1: float = 0.9              # Adam's first-moment decay
+    beta2: float = 0.95             # Adam's second-moment decay
+    weight_decay: float = 0.0       # AdamW's, on matrices only (the paper uses none)
     grad_clip: float = 1.0          # max global gradient norm; 0 disables
     # evaluation, logging, checkpoints
-    eval_interval: int = 1000       # steps between validation passes (and checkpoints)
+    eval_interval: int = 1000       # steps between validation passes (each writes a checkpoint)
     eval_images: int = 0            # images of the split per evaluation; 0 means all of it
     eval_split: str = "va"          # split that evaluation reads: va (validation) or te (test)
     eval_only: bool = False         # evaluate --ckpt (or the --resume checkpoint) and exit
-    log_interval: int = 10
-    resume: bool = False            # continue from {out}/ckpt.pt
-    force: bool = False             # start over even though {out} holds a checkpoint
+    log_interval: int = 10          # steps between log lines (the first step is logged too)
+    ckpt_interval: int = 0          # steps between checkpoints; 0: only by the clock, evaluations and the end
+    ckpt_minutes: float = 5.0       # write a checkpoint when this many minutes passed since the last; 0: never
+    resume: bool = False            # continue from {out}/ckpt.pt, under the options it was started with
+    force: bool = False             # start over even though {out} holds a checkpoint or a log
     # system
     device: str = "auto"            # auto, cpu, cuda, cuda:N
+    threads: int = 0                # PyTorch's CPU threads (0: $OMP_NUM_THREADS if set, else one per idle core)
     dtype: str = "bfloat16"         # autocast dtype on GPU: bfloat16 or float32 (the CPU always uses float32)
     compile: str = "auto"           # torch.compile: auto (on for GPU), on, off
-    seed: int = 1337
+    seed: int = 1337                # seeds the initialisation, the order of the batches and the flips
     fsdp: bool = False              # shard weights, gradients and optimizer state over the GPUs (FSDP2), not DDP
     activation_checkpointing: bool = False  # recompute each block in the backward: far less activation memory
     dry_run: bool = False           # print the memory a GPU needs for this configuration, and stop
@@ -92,13 +103,16 @@ CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloa
            "compile": SWITCH}
 ALIASES = {"ckpt": ["--init_from"], "out": ["--out_dir"]}  # the earlier spellings
 RENAMED = {"init_from": "ckpt", "out_dir": "out"}  # in the train_config of checkpoints written before
+RUN_DEFINING = ("data", "palette", "flip", "model", "n_layer", "n_embd", "n_head", "ckpt", "clf", "batch_size",
+                "seed")  # what --resume may not change: the model, the data and the order of the batches
+MICRO_BATCH = 32  # the largest micro-batch chosen when --micro_batch_size is 0
 
 
 def parse_config(argv=None):
     """TrainConfig from defaults, then a --config file of overrides, then command-line flags. Also returns the
     names given explicitly, so --resume can take the rest from the checkpoint."""
     parser = argument_parser(__doc__)
-    parser.add_argument("--config", default="", help="file of `name = value` overrides (default: none)")
+    parser.add_argument("--config", default="", help="file of `name = value` overrides ('': none)")
     comments = _field_comments()
     for f in fields(TrainConfig):
         help_text = f"{comments.get(f.name, '')} (default: {f.default!r})"
@@ -228,11 +242,10 @@ def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
                              f"{n_px}x{n_px}")
         fits(mconf)
         model = IGPT(mconf)
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        new_head = {"clf.weight"} if cfg.clf else set()
-        if set(missing) - new_head or unexpected:
-            raise SystemExit(f"{cfg.ckpt}: weights do not fit the model (missing {missing}, "
-                             f"unexpected {unexpected})")
+        mismatch = weights_mismatch(model, ckpt["model"], optional={"clf.weight"} if cfg.clf else ())
+        if mismatch:
+            raise SystemExit(f"{cfg.ckpt}: the weights do not fit the model of its config: {mismatch}")
+        model.load_state_dict(ckpt["model"], strict=False)
         return model, ckpt.get("palette")
     config = preset_config(cfg, n_px, n_vocab, n_classes)
     fits(config)
@@ -338,6 +351,91 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
     return loss / count, (correct / count if model.clf is not None and Y is not None else None)
 
 
+def micro_batch(cfg, world):
+    """Images per forward pass: --micro_batch_size, or when it is 0 the largest divisor of each process's share of
+    the batch up to MICRO_BATCH."""
+    if cfg.batch_size <= 0 or cfg.batch_size % world:
+        raise SystemExit(f"--batch_size {cfg.batch_size} must be a positive multiple of the {world} processes")
+    share = cfg.batch_size // world
+    micro = cfg.micro_batch_size or max(d for d in range(1, min(share, MICRO_BATCH) + 1) if share % d == 0)
+    if micro <= 0 or share % micro:
+        raise SystemExit(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size {micro} x "
+                         f"{world} processes (or leave --micro_batch_size at 0 to have it chosen)")
+    return micro
+
+
+def resumed_config(cfg, given, resume_state, ckpt_path):
+    """The TrainConfig a --resume continues with: the checkpoint's, with the options given now that may change
+    (such as --max_steps or --learning_rate); one that would change the model, the data or the order of the
+    batches (RUN_DEFINING) is refused."""
+    saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise SystemExit(f"{ckpt_path} was trained with options this train.py does not know ({unknown}): resume it "
+                         "with the version that wrote it")
+    for name in sorted(given & set(RUN_DEFINING)):
+        if name in saved and getattr(cfg, name) != saved[name]:
+            raise SystemExit(f"--resume continues the run of {ckpt_path} with its own --{name} {saved[name]!r}; "
+                             f"--{name} {getattr(cfg, name)!r} would change it: drop the flag, or start a new run "
+                             f"(another --out, with --ckpt {ckpt_path} to start from its weights)")
+    return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
+
+
+def kept_log_lines(log_path, step):
+    """The lines of log.jsonl up to `step` (a resumed run drops those of the steps its checkpoint did not keep,
+    and a line cut short by a kill)."""
+    keep = []
+    for line in open(log_path) if os.path.exists(log_path) else []:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            pass
+    return keep
+
+
+def duration(seconds):
+    """35ms, 4.2s, 3m05s, 2h07m or 3d04h."""
+    if seconds < 1:
+        return f"{1000 * seconds:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, h = int(seconds // 60), int(seconds // 3600)
+    return f"{m}m{int(seconds) % 60:02d}s" if h == 0 else f"{h}h{m % 60:02d}m" if h < 48 else f"{h // 24}d{h % 24:02d}h"
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop after its current step: the handler only notes the signal
+    (a second one stops at once, as a plain Ctrl-C). Each step the processes agree on it, and on whether a
+    checkpoint is due by the clock, through one all_reduce over a CPU (gloo) group, so every rank stops at the
+    same step and no step waits for the GPU."""
+
+    def __init__(self, world):
+        self.signal = 0
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        for s in (signal.SIGINT, signal.SIGTERM):  # common.script puts the previous handlers back
+            signal.signal(s, self.note)
+
+    def note(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def any(self, flag):
+        """Whether any process's flag is set."""
+        flags = torch.tensor([int(flag)])
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0])
+
+    def agree(self, checkpoint_due):
+        """(the signal any process received, or 0; whether any process's clock says a checkpoint is due)"""
+        flags = torch.tensor([self.signal, int(checkpoint_due)])
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])
+
+
 # ---- the run ----
 
 def setup_distributed(cfg):
@@ -352,19 +450,19 @@ def setup_distributed(cfg):
         if use_cuda:
             torch.cuda.set_device(device)
         return rank, local_rank, world, device
-    try:
-        return 0, 0, 1, resolve_device(cfg.device)
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
+    return 0, 0, 1, resolve_device(cfg.device)
 
 
+@script
 def main(argv=None):
     cfg, given = parse_config(argv)
     rank, local_rank, world, device = setup_distributed(cfg)
+    set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if cfg.dry_run:
+        cfg.micro_batch_size = micro_batch(cfg, world)
         return dry_run(cfg, world, device, log)
 
     resume_state, resume_path = None, parallel.find_checkpoint(cfg.out)  # ckpt.pt, or the folder ckpt.dcp
@@ -373,16 +471,17 @@ def main(argv=None):
             raise SystemExit(f"--resume: no checkpoint in {cfg.out} (ckpt.pt, or ckpt.dcp from --fsdp)")
         sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
         resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
-        saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
-        # the run continues under its saved options, except those set again now (e.g. a larger --max_steps)
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
+        cfg = resumed_config(cfg, given, resume_state, resume_path)
         if sharded != cfg.fsdp:
             raise SystemExit(f"{resume_path} was written {'with' if sharded else 'without'} --fsdp: resume it so "
                              "(or start a new run from its weights with --ckpt)")
-    elif not cfg.eval_only and resume_path is not None and not cfg.force:
-        raise SystemExit(f"{resume_path} exists: pass --resume to continue that run, or --force to start over "
-                         "(the old checkpoint is replaced only when the new run writes its first one)")
+    elif not cfg.eval_only and not cfg.force and (resume_path is not None or os.path.exists(log_path)):
+        raise SystemExit(f"{cfg.out} holds a run ({resume_path or log_path}): pass --resume to continue it, or "
+                         "--force to start over (the old checkpoint is replaced only when the new run writes its "
+                         "first one)")
     ckpt_path = os.path.join(cfg.out, "ckpt.dcp" if cfg.fsdp else "ckpt.pt")
+    if not cfg.eval_only:
+        cfg.micro_batch_size = micro_batch(cfg, world)
 
     # data
     X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
@@ -392,8 +491,8 @@ def main(argv=None):
         raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
     if cfg.n_px and cfg.n_px != n_px:
         raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
-    palette_path = cfg.palette or find_palette(cfg.data)
-    palette = torch.from_numpy(load_palette(palette_path)) if palette_path else None
+    palettes = [set_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
+    palette = one_palette(*palettes)
     n_vocab = len(palette) if palette is not None else 512
     if cfg.clf:
         if Y_tr is None and not cfg.eval_only:
@@ -409,14 +508,22 @@ def main(argv=None):
             raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
         cfg.ckpt = resume_path
     model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes, lambda c: check_memory(cfg, c, world, device))
-    if palette is None and ckpt_palette is not None:
-        palette = ckpt_palette
+    # the tokens mean the colours of the palette they were made with: the data's, --palette's, the checkpoints'
     n_vocab = model.config.n_vocab
+    palette = one_palette(*palettes, (cfg.ckpt, ckpt_palette),
+                          (resume_path, resume_state.get("palette") if resume_state else None), n_vocab=n_vocab)
     for name, X in [(f"{cfg.data}_trX.npy", X_tr), (f"{cfg.data}_{cfg.eval_split}X.npy", X_va)]:
         if X is not None:
             check_tokens(X, name, n_vocab, model.config.block_size)
-    if resume_state is not None and not cfg.fsdp:
-        model.load_state_dict(resume_state["model"])
+    if resume_state is not None and not cfg.eval_only:
+        if resume_state.get("train_images", len(X_tr)) != len(X_tr):
+            raise SystemExit(f"{cfg.data}_trX.npy holds {len(X_tr)} images but the run of {resume_path} trained on "
+                             f"{resume_state['train_images']}: the data changed, so the run cannot go on exactly")
+        if not cfg.fsdp:  # a sharded run's weights are read into the shards, below
+            mismatch = weights_mismatch(model, resume_state["model"])
+            if mismatch:
+                raise SystemExit(f"{resume_path} does not fit the model of its options: {mismatch}")
+            model.load_state_dict(resume_state["model"])
     if not cfg.fsdp or cfg.eval_only:  # parallel.shard moves each block to the GPU as it shards it
         model.to(device)
     log(f"model: {model.get_num_params():,} parameters, {model.config}")
@@ -429,7 +536,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and amp_dtype != torch.float32 else nullcontext()
     do_compile = switch(cfg.compile, device)
     if cfg.eval_only:
-        loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
+        loss, acc = evaluate(model, X_va, Y_va, cfg.micro_batch_size or MICRO_BATCH, autocast, device, rank, world,
                              cfg.eval_images)
         per = "masked token (fixed masks)" if model.config.bert else "token"
         log(f"{cfg.eval_split} loss {loss:.4f} nats per {per}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
@@ -437,9 +544,6 @@ def main(argv=None):
             dist.destroy_process_group()
         return {"loss": loss, "accuracy": acc}
 
-    if cfg.micro_batch_size <= 0 or cfg.batch_size % (cfg.micro_batch_size * world):
-        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
-                         f"{cfg.micro_batch_size} x {world} processes")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     raw_model = model
     if cfg.activation_checkpointing:
@@ -448,18 +552,22 @@ def main(argv=None):
         parallel.shard(raw_model, device, amp_dtype if use_cuda else None, compile=do_compile)
     optimizer = raw_model.configure_optimizers(cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
                                                device.type)  # after shard(), which makes the parameters DTensors
-    step, batches = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed)
+    step, batches, saved_step = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed), None
     if resume_state is not None:
         if cfg.fsdp:
             parallel.load_sharded(resume_path, raw_model, optimizer)
         else:
             optimizer.load_state_dict(resume_state["optimizer"])
-        step = resume_state["step"]
+        step = saved_step = resume_state["step"]
         batches = Batches(len(X_tr), cfg.batch_size, cfg.seed, **resume_state["data_position"])
         torch.set_rng_state(resume_state["rng"]["cpu"])
         if use_cuda and "cuda" in resume_state["rng"]:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
         log(f"resumed from {resume_path} at step {step}")
+        if step >= cfg.max_steps:
+            log(f"{resume_path} is at step {step}, the run's --max_steps {cfg.max_steps}: nothing to train; give a "
+                "larger --max_steps to train on")
+            return {"step": step, f"{cfg.eval_split}_loss": None, "accuracy": None}
 
     if cfg.clf:
         model = FineTuneLoss(model, cfg.gen_weight)
@@ -469,22 +577,28 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
     if master:
-        os.makedirs(cfg.out, exist_ok=True)
-        keep = []  # after a resume, drop log lines of steps the checkpoint did not keep
-        if resume_state is not None and os.path.exists(log_path):
-            keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
+        keep = kept_log_lines(log_path, step) if resume_state is not None else []
+        atomic_write(log_path, lambda f: f.writelines(line.encode() for line in keep))
 
     def write_log(record):
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    stop = StopSignal(world)
+
     def save(step):
+        """Write the checkpoint: every rank checks its weights (under FSDP, its shards) and the ranks agree, so all
+        stop together if they diverged; rank 0 writes the file, or every rank its shards."""
+        bad = first_nonfinite({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()})
+        if stop.any(bad is not None) and bad is None:
+            bad = "another process's weights"
+        if bad is not None:
+            diverged(f"{bad} holds inf or nan after step {step}")
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
-        state = dict(step=step, data_position=batches.state(), rng=rng, train_config=asdict(cfg))
-        if cfg.fsdp:  # every rank writes its shards
+        state = dict(step=step, data_position=batches.state(), rng=rng, train_config=asdict(cfg),
+                     train_images=len(X_tr))
+        if cfg.fsdp:
             parallel.save_sharded(ckpt_path, raw_model, optimizer, palette=palette, **state)
         elif master:
             save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), **state)
@@ -493,11 +607,19 @@ def main(argv=None):
             shutil.rmtree(other)
         elif master and os.path.exists(other):
             os.remove(other)
+        return step
+
+    def diverged(what):
+        raise SystemExit(f"{what}; stopping, and nothing from that step on is saved. " + (
+            f"The last good checkpoint is {ckpt_path} (step {saved_step}): resume it with a lower --learning_rate "
+            "or a smaller --grad_clip" if saved_step is not None else "No checkpoint was written: start again with "
+            "a lower --learning_rate or a smaller --grad_clip"))
 
     log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
         f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
     model.train()
-    t0, images_since = time.time(), 0
+    t0, steps_since, first_step = time.time(), 0, step + 1
+    last_save = time.time()
     first_bad, bad_loss = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
     val_loss = acc = None
     while step < cfg.max_steps:
@@ -534,27 +656,26 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        images_since += cfg.batch_size
+        steps_since += 1
 
-        log_now = step % cfg.log_interval == 0 or step == cfg.max_steps
+        stopped, clock_due = stop.agree(cfg.ckpt_minutes > 0 and time.time() - last_save > 60 * cfg.ckpt_minutes)
+        log_now = step % cfg.log_interval == 0 or step in (first_step, cfg.max_steps)
         eval_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
-        if (log_now or eval_now) and first_bad.item():
-            raise SystemExit(f"step {first_bad.item()}: the loss is {bad_loss.item()}; stopping. Weights "
-                             f"from that step on are not saved. The last good checkpoint is {ckpt_path} (if "
-                             "one was written): resume from it with a lower --learning_rate or a smaller "
-                             "--grad_clip")
+        save_now = eval_now or stopped or clock_due or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)
+        if (log_now or save_now) and first_bad.item():
+            diverged(f"step {first_bad.item()}: the loss is {bad_loss.item()}")
         if log_now:
-            loss_value = loss_acc.item()
-            dt = time.time() - t0
-            ips = images_since / dt
-            record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips,
+            loss_value, dt = loss_acc.item(), time.time() - t0
+            ips, per_step = steps_since * cfg.batch_size / dt, dt / steps_since
+            record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips, "s_per_step": per_step,
                       "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time(),
                       "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if use_cuda else None}
-            log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s"
-                + (f", mfu {100 * record['mfu']:.1f}%, {record['max_memory_gb']:.1f} GB" if use_cuda else ""),
-                flush=True)
+            log(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s, "
+                f"{duration(per_step)} a step"
+                + (f", mfu {100 * record['mfu']:.1f}%, {record['max_memory_gb']:.1f} GB" if use_cuda else "")
+                + f", {duration(per_step * (cfg.max_steps - step))} to go", flush=True)
             write_log(record)
-            t0, images_since = time.time(), 0
+            t0, steps_since = time.time(), 0
         if eval_now:
             val_loss, acc = evaluate(raw_model, X_va, Y_va, cfg.micro_batch_size, autocast, device, rank, world,
                                      cfg.eval_images)
@@ -562,8 +683,15 @@ def main(argv=None):
                 + (f", accuracy {acc:.4f}" if acc is not None else ""))
             write_log({"step": step, f"{cfg.eval_split}_loss": val_loss,
                        **({"accuracy": acc} if acc is not None else {})})
-            save(step)
-            t0, images_since = time.time(), 0
+        if save_now:
+            saved_step, last_save = save(step), time.time()
+            t0, steps_since = time.time(), 0
+        if stopped:
+            if master:
+                launcher = "torchrun ... " if world > 1 else "python "
+                print(f"train.py: stopped by {signal.Signals(stopped).name} after step {step} and wrote "
+                      f"{ckpt_path}; continue with: {launcher}train.py --resume --out {cfg.out}", file=sys.stderr)
+            raise SystemExit(128 + stopped)
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the last checkpoint; leave together
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Fixtures shared by several test files, and where the GPU kernels' tests run: on the GPU when there is one,
 else in Triton's CPU interpreter, which has to be chosen before kernels.py is imported (Triton reads
-TRITON_INTERPRET when it decorates a kernel)."""
+TRITON_INTERPRET when it decorates a kernel). The tests' models are tiny, so they run on one CPU thread each (the
+scripts they start too): more threads only wait on each other, the more so on a busy machine."""
 import functools
 import hashlib
 import http.server
@@ -9,10 +10,12 @@ import os
 import tarfile
 import threading
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before PyTorch is imported, which reads it once
 
-from fake_cifar import write_cifar10
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fake_cifar import write_cifar10  # noqa: E402
 
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -6,9 +6,11 @@ import numpy as np
 
 
 def cifar_batch(path, images, labels, key=b"labels"):
+    """A batch as the official files hold it: labels a list of Python ints, the data uint8 [N, 3072]. (The official
+    files are Python 2's protocol 2; protocol 4 is the one of Python 3 that pickles bytes and arrays alike.)"""
     with open(path, "wb") as f:
-        pickle.dump({b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1), key: labels,
-                     b"batch_label": b"fake"}, f)
+        pickle.dump({b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1), key: [int(l) for l in labels],
+                     b"batch_label": b"fake"}, f, protocol=4)
 
 
 def write_cifar10(folder, per_batch=2):

@@ -1,8 +1,16 @@
-"""common.py: the PNG grid."""
+"""common.py: the PNG grid, atomic writes, one-line errors, the number of threads."""
+import os
+import socket
+import stat
+import subprocess
+import sys
+
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from common import save_grid
+from common import argument_parser, atomic_write, save_grid, script, set_threads
 
 
 def test_save_grid_lays_out_rows_and_columns(tmp_path):
@@ -12,3 +20,89 @@ def test_save_grid_lays_out_rows_and_columns(tmp_path):
     assert grid.shape == (1 + 2 * 5, 1 + 3 * 5, 3)
     assert (grid[0] == 255).all() and (grid[:, 5] == 255).all()
     np.testing.assert_array_equal(grid[6:10, 11:15], images[1, 2].repeat(2, 0).repeat(2, 1))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o007, 0o660)])
+def test_atomic_write_gives_the_file_the_users_usual_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == mode
+
+
+def test_atomic_write_removes_the_temp_files_of_killed_writes_only(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".tmp-f.{host}.{gone.pid}.x1"
+    running = tmp_path / f".tmp-f.{host}.{os.getpid()}.x2"  # a writer that still runs
+    elsewhere = tmp_path / f".tmp-f.otherhost.{gone.pid}.x3"
+    for p in (stale, running, elsewhere):
+        p.write_bytes(b"partial")
+    atomic_write(tmp_path / "f", lambda f: f.write(b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f", running.name, elsewhere.name])
+    assert (tmp_path / "f").read_bytes() == b"whole"
+
+
+@script
+def raises(error):
+    raise error
+
+
+@pytest.mark.parametrize("error, message", [
+    (ValueError("bad value\nsecond line"), "test_common.py: bad value second line"),
+    (FileNotFoundError("no file x"), "test_common.py: no file x"),
+    (KeyError("'k' is missing"), "test_common.py: 'k' is missing"),
+    (SystemExit("the script's own words"), "test_common.py: the script's own words"),
+])
+def test_a_user_error_becomes_one_line_named_by_the_script(error, message):
+    with pytest.raises(SystemExit) as e:
+        raises(error)
+    assert e.value.code == message
+
+
+def test_ctrl_c_becomes_one_line_and_status_130(capsys):
+    with pytest.raises(SystemExit) as e:
+        raises(KeyboardInterrupt())
+    assert e.value.code == 130 and capsys.readouterr().err == "test_common.py: interrupted\n"
+
+
+def test_other_errors_are_left_alone():
+    with pytest.raises(RuntimeError):
+        raises(RuntimeError("a bug"))
+
+
+def test_a_flag_error_is_one_line_pointing_to_help(capsys):
+    parser = argument_parser("doc")
+    parser.add_argument("--compile", choices=["auto", "on", "off"])
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--compile", "yes"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'yes'" in err and "--help" in err
+
+
+@pytest.fixture
+def threads():
+    """Leaves PyTorch's thread count as it found it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_default_to_the_idle_cores_shared_among_the_processes(threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, processes, expected in [(0.0, 1, 8), (0.0, 2, 4), (5.6, 1, 2), (12.0, 1, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert set_threads(0, processes) == expected
+    assert set_threads(3) == 3
+
+
+def test_threads_follow_omp_num_threads_when_it_is_set(threads, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert set_threads(0) == 2 and set_threads(1) == 1
+    with pytest.raises(ValueError, match="--threads -1"):
+        set_threads(-1)

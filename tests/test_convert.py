@@ -82,13 +82,13 @@ def test_cli_writes_a_checkpoint_with_the_palette_and_will_not_overwrite(tmp_pat
     with torch.no_grad():
         close(model(torch.from_numpy(GOLDEN["tokens"]))[0], GOLDEN["logits"])
     before = out.read_bytes()
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(SystemExit, match="--force"):
         main([str(PREFIX), "--out", str(out)])
     assert out.read_bytes() == before
     main([str(PREFIX), "--out", str(out), "--force"])
     assert IGPT.from_checkpoint(out).palette is None
     np.save(tmp_path / "palette.npy", palette[:8])
-    with pytest.raises(ValueError, match="8 colours but the model has n_vocab=16"):
+    with pytest.raises(SystemExit, match="8 colours but the model has n_vocab=16"):
         main([str(PREFIX), "--out", str(out), "--force", "--palette", str(tmp_path / "palette.npy")])
 
 
@@ -170,6 +170,31 @@ def test_hf_export_of_a_bert_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="BERT model cannot be exported to Hugging Face"):
         main(["--to_hf", "--ckpt", str(tmp_path / "bert.pt"), "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_export_keeps_the_palette_where_the_image_processor_reads_it(tmp_path):
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    save_checkpoint(tmp_path / "igpt.pt", tiny_model(), palette=palette)
+    main(["--to_hf", "--ckpt", str(tmp_path / "igpt.pt"), "--out", str(tmp_path / "hf")])
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    np.testing.assert_array_equal(np.asarray(processor.clusters, np.float32), palette)
+    main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")])
+    torch.testing.assert_close(IGPT.from_checkpoint(tmp_path / "back.pt").palette, torch.from_numpy(palette))
+
+
+def test_without_transformers_the_hf_commands_say_what_to_install(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "igpt.pt", tiny_model())
+    real_import = convert.importlib.import_module
+
+    def no_transformers(name):
+        if name.startswith(("transformers", "safetensors")):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name)
+
+    monkeypatch.setattr(convert.importlib, "import_module", no_transformers)
+    with pytest.raises(SystemExit, match="convert.py: Hugging Face interop needs transformers: pip install "
+                                         "transformers$"):
+        main(["--to_hf", "--ckpt", str(tmp_path / "igpt.pt"), "--out", str(tmp_path / "hf")])
 
 
 def test_hf_pytorch_model_bin_with_old_mask_buffers_is_read(tmp_path):
@@ -292,7 +317,7 @@ def test_download_resumes_skips_complete_files_then_converts(tmp_path, server, c
 
 def test_download_failure_names_the_url(tmp_path, server):
     url, _ = server
-    with pytest.raises(OSError, match=f"{url}/checkpoints/igpt-m/131000/model.ckpt-131000.index: HTTP 404"):
+    with pytest.raises(SystemExit, match=f"{url}/checkpoints/igpt-m/131000/model.ckpt-131000.index: HTTP 404"):
         main(["--download", "m", "--step", "131000", "--dir", str(tmp_path), "--base_url", url])
     assert not list(tmp_path.iterdir())
 

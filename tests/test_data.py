@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import download_cifar, holdout, load_images, load_tokens, make_shapes, to_rgb
+import data
+from data import (begin_set, check_set, download_cifar, finish_set, holdout, load_images, load_tokens, make_shapes,
+                  set_palette, to_rgb)
 from fake_cifar import cifar_batch, write_cifar10
 
 
@@ -187,6 +189,55 @@ def test_empty_missing_mixed_and_mislabelled_sources(tmp_path):
         load_images(str(tmp_path / "x.npz"), 2)
 
 
+class CreatesAFile:
+    """Unpickling this runs code: open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    write_cifar10(tmp_path / "c10")
+    marker = tmp_path / "ran"
+    with open(tmp_path / "c10" / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": CreatesAFile(str(marker)), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a readable CIFAR file \(it asks for io\.open"):
+        load_images(str(tmp_path / "c10"), 32)
+    assert not marker.exists()
+
+
+def test_a_truncated_cifar_pickle_is_named(tmp_path):
+    write_cifar10(tmp_path / "c10")
+    whole = (tmp_path / "c10" / "test_batch").read_bytes()
+    (tmp_path / "c10" / "test_batch").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"test_batch is not a readable CIFAR file .*--download"):
+        load_images(f"{tmp_path / 'c10'}:test", 32)
+
+
+def test_a_zip_member_too_large_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/ok.png", b"")
+        zf.writestr("cat/big.png", bytes(5000))
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 4096)
+    unpacked = []
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name: unpacked.append(name) or b"")
+    with pytest.raises(ValueError, match=r"cat/big\.png \(it unpacks to 5000 bytes, more than MAX_MEMBER_BYTES"):
+        load_images(str(path), 4, workers=1, progress=False)
+    assert unpacked == ["cat/ok.png"]
+
+
+def test_a_folder_of_split_folders_is_not_read_as_classes(tmp_path):
+    class_folder(tmp_path, "train")
+    class_folder(tmp_path, "test")
+    with pytest.raises(ValueError, match=r"holds the splits \['test', 'train'\], not classes: .*:train --test"):
+        load_images(str(tmp_path), 4, progress=False)
+    check_classes(*load_images(f"{tmp_path}:train", 4, progress=False))
+
+
 # ---- download ----
 
 def test_download_checks_the_md5_and_unpacks(tmp_path, cifar_server):
@@ -243,6 +294,71 @@ def test_load_tokens_errors(tmp_path):
         load_tokens(prefix, "tr")
     with pytest.raises(ValueError, match="split"):
         load_tokens(prefix, "train")
+
+
+def test_labels_in_a_column_are_integer_labels(tmp_path):
+    prefix = str(tmp_path / "d")
+    np.save(prefix + "_trX.npy", np.zeros((3, 4), np.uint16))
+    np.save(prefix + "_trY.npy", np.array([[2], [0], [1]]))
+    assert load_tokens(prefix, "tr")[1].tolist() == [2, 0, 1]
+    np.save(prefix + "_trY.npy", np.array([[2, 1], [0, 0], [1, 3]]))
+    with pytest.raises(ValueError, match="one-hot"):
+        load_tokens(prefix, "tr")
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    prefix = str(tmp_path / "d")
+    np.save(prefix + "_vaX.npy", np.zeros((0, 4), np.uint16))
+    with pytest.raises(ValueError, match=r"d_vaX\.npy holds no images \(quantize\.py --val_frac 0"):
+        load_tokens(prefix, "va")
+
+
+def test_a_token_file_or_a_folder_given_as_the_prefix_names_the_prefix(tmp_path):
+    prefix = str(tmp_path / "cifar10")
+    np.save(prefix + "_trX.npy", np.zeros((3, 4), np.uint16))
+    with pytest.raises(ValueError, match=f"give the prefix of the files instead: '{prefix}'"):
+        load_tokens(prefix + "_trX.npy", "tr")
+    with pytest.raises(FileNotFoundError, match=f"holds the prefixes \\['{prefix}'\\]"):
+        load_tokens(str(tmp_path), "tr")
+
+
+def write_set(prefix, n=3):
+    begin_set(prefix)
+    paths = [f"{prefix}_trX.npy", f"{prefix}_trY.npy", f"{prefix}_palette.npy"]
+    np.save(paths[0], np.arange(4 * n, dtype=np.uint16).reshape(n, 4))
+    np.save(paths[1], np.arange(n))
+    np.save(paths[2], np.zeros((16, 3), np.float32))
+    finish_set(prefix, paths)
+    return paths
+
+
+def test_the_files_of_a_set_are_read_only_together(tmp_path):
+    prefix = str(tmp_path / "d")
+    write_set(prefix)
+    assert load_tokens(prefix, "tr")[1].tolist() == [0, 1, 2]
+    assert set_palette(prefix)[1].shape == (16, 3)
+    np.save(prefix + "_trY.npy", np.array([2, 1, 0]))  # the same size, other bytes
+    with pytest.raises(ValueError, match=r"d_trY\.npy is not the file .*d_manifest\.json lists"):
+        load_tokens(prefix, "tr")
+    write_set(prefix)
+    np.save(prefix + "_vaX.npy", np.zeros((2, 4), np.uint16))
+    with pytest.raises(ValueError, match=r"d_vaX\.npy is not one of the files .* lists"):
+        load_tokens(prefix, "va")
+    begin_set(prefix)  # a run that writes the set again, cut short
+    for split in ("tr", "va"):
+        with pytest.raises(ValueError, match="did not finish"):
+            load_tokens(prefix, split)
+    with pytest.raises(ValueError, match="did not finish"):
+        set_palette(prefix)
+
+
+def test_files_without_a_manifest_are_read_as_they_are(tmp_path):
+    prefix = str(tmp_path / "d")
+    write_set(prefix)
+    os.remove(prefix + "_manifest.json")
+    np.save(prefix + "_trY.npy", np.array([2, 1, 0]))
+    assert load_tokens(prefix, "tr")[1].tolist() == [2, 1, 0]
+    check_set(prefix, [str(tmp_path / "kmeans_centers.npy")])  # not a file of the set
 
 
 def test_holdout_is_seeded_and_disjoint():

@@ -1,6 +1,7 @@
 """The model's behaviour: shapes, the sos shift, causality, the loss, initialisation, checkpoints; the BERT
 objective: bidirectionality, the mask, its loss."""
 import math
+import random
 
 import pytest
 import torch
@@ -163,12 +164,94 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable igpt checkpoint"):
-        load_checkpoint(bad)
+    for content in (b"not a checkpoint", b"\x93NUMPY" + bytes(100)):
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=r"bad\.pt' is not an igpt checkpoint") as e:
+            load_checkpoint(bad)
+        assert "weights_only" not in str(e.value)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="convert.py"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+class CreatesAFile:
+    """Unpickling this runs code: open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"config": {}, "model": {}, "payload": CreatesAFile(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not an igpt checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def small_checkpoint(path):
+    model = tiny_model(n_px=2, n_vocab=4, n_embd=4, n_head=1, n_layer=1)
+    save_checkpoint(path, model, palette=torch.rand(4, 3) * 2 - 1, step=7)
+    return model
+
+
+def test_every_flipped_byte_of_a_checkpoint_is_detected_naming_the_file(tmp_path):
+    small_checkpoint(tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    rng = random.Random(0)
+    # a sample of the whole file (every byte of it in the lab notes), and all of the zip's end record and comment
+    positions = sorted(set(rng.sample(range(len(data)), 300)) | set(range(len(data) - 60, len(data))))
+    for i in positions:
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << rng.randrange(8)
+        (tmp_path / "flipped.pt").write_bytes(flipped)
+        with pytest.raises(ValueError, match=r"flipped\.pt' is corrupt: (tensor \S+|its .*|a part .*) changed|damaged"):
+            load_checkpoint(tmp_path / "flipped.pt")
+
+
+def test_a_changed_tensor_is_named(tmp_path):
+    model = small_checkpoint(tmp_path / "m.pt")
+    data = bytearray((tmp_path / "m.pt").read_bytes())
+    at = data.index(model.wpe.weight.detach().numpy().tobytes())
+    data[at + 5] ^= 0x10
+    (tmp_path / "m.pt").write_bytes(data)
+    with pytest.raises(ValueError, match=r"m\.pt' is corrupt: tensor model/wpe\.weight changed since it was written"):
+        load_checkpoint(tmp_path / "m.pt")
+
+
+def test_non_finite_weights_are_never_saved_and_refused_on_load(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not writing .*m\.pt: model/h\.1\.mlp\.c_fc\.weight holds inf or nan"):
+        save_checkpoint(tmp_path / "m.pt", model)
+    assert not list(tmp_path.iterdir())
+    torch.save({"config": dict(TINY, n_classes=0), "model": model.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt': model/h\.1\.mlp\.c_fc\.weight holds inf or nan"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_a_checkpoint_written_without_checksums_loads_with_a_note(tmp_path, capsys):
+    model = tiny_model()
+    torch.save({"config": dict(TINY, n_classes=0), "model": model.state_dict()}, tmp_path / "old.pt")
+    torch.testing.assert_close(IGPT.from_checkpoint(tmp_path / "old.pt")(tokens())[0], model(tokens())[0])
+    assert "could not be verified" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("h.1.ln_2.g"), r"missing \['h\.1\.ln_2\.g'\]"),
+    (lambda sd: sd.update(extra=torch.zeros(2)), r"unexpected \['extra'\]"),
+    (lambda sd: sd.update({"wpe.weight": torch.zeros(9, 32)}), r"wpe\.weight is \[9, 32\], the model's is \[16, 32\]"),
+])
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path, change, message):
+    state = tiny_model().state_dict()
+    change(state)
+    torch.save({"config": dict(TINY, n_classes=0), "model": state}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m\.pt: the weights do not fit .*" + message):
+        IGPT.from_checkpoint(tmp_path / "m.pt")
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

@@ -105,3 +105,9 @@ def test_load_palette_and_find_palette(tmp_path):
         load_palette(str(tmp_path / "bytes.npy"))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         load_palette(str(tmp_path / "missing.npy"))
+
+
+def test_more_colours_asked_for_than_the_images_hold_is_said(capsys):
+    pixels = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]] * 10, np.uint8)
+    fit_palette(pixels, k=8, iters=5, device="cpu", progress=False)
+    assert "only 3 distinct colours, so 5 of the 8 palette colours stay unused; --k 3" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 and the command line end to end."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -174,7 +175,8 @@ def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tm
 
     def probe(layers, ckpt=ckpt):
         calls.clear()
-        rows = probe_layers(ckpt, str(tmp_path / "d"), layers, [1.0], str(tmp_path / "out"), device="cpu")
+        rows = probe_layers(ckpt, str(tmp_path / "d"), layers, [1.0], str(tmp_path / "out"), device="cpu",
+                            force=True)
         return rows, sorted({l for c in calls for l in c})
 
     first, extracted = probe("1")
@@ -245,39 +247,33 @@ def test_cli_refuses_several_masks_for_an_autoregressive_model(run, capsys):
     (["--layers", "one"], "cannot read layers"),
     (["--Cs", "0,1"], "positive"),
 ])
-def test_cli_rejects_bad_layers_and_Cs(run, capsys, args, message):
-    with pytest.raises(SystemExit):
+def test_cli_rejects_bad_layers_and_Cs(run, args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         run(*args)
-    assert message in capsys.readouterr().err
 
 
-def test_cli_errors_name_the_missing_file(run, tmp_path, capsys):
+def test_cli_errors_name_the_missing_file(run, tmp_path):
     os.remove(tmp_path / "d_vaX.npy")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"d_vaX\.npy"):
         run()
-    assert "d_vaX.npy" in capsys.readouterr().err
     os.remove(tmp_path / "m.pt")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"m\.pt"):
         run()
-    assert "m.pt" in capsys.readouterr().err
 
 
-def test_cli_rejects_data_of_another_n_px_or_palette(run, tmp_path, capsys):
+def test_cli_rejects_data_of_another_n_px_or_palette(run, tmp_path):
     write_data(tmp_path / "d", n_px=5)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="n_px=4"):
         run()
-    assert "n_px=4" in capsys.readouterr().err
     write_data(tmp_path / "d", n_vocab=32)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="palette"):
         run()
-    assert "palette" in capsys.readouterr().err
 
 
-def test_cli_needs_labels(run, tmp_path, capsys):
+def test_cli_needs_labels(run, tmp_path):
     os.remove(tmp_path / "d_teY.npy")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"d_teY\.npy"):
         run()
-    assert "d_teY.npy" in capsys.readouterr().err
 
 
 def test_cli_reads_one_hot_labels_as_in_the_original_release(run, tmp_path):
@@ -288,3 +284,23 @@ def test_cli_reads_one_hot_labels_as_in_the_original_release(run, tmp_path):
     run("--out", str(tmp_path / "b"))
     rows = [json.loads((tmp_path / out / "probe.json").read_text())["rows"] for out in "ab"]
     assert rows[0] == rows[1]
+
+
+def test_cli_does_not_overwrite_an_earlier_report_without_force(run, tmp_path):
+    run()
+    before = (tmp_path / "out" / "probe.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"probe\.json exists: pass --force"):
+        run("--Cs", "1")
+    assert (tmp_path / "out" / "probe.json").read_bytes() == before
+    run("--Cs", "1", "--force")
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["Cs"] == [1.0]
+
+
+def test_cli_refuses_data_of_another_palette_than_the_models(run, tmp_path):
+    np.save(tmp_path / "d_palette.npy", np.zeros((8, 3), np.float32))
+    with pytest.raises(SystemExit, match=r"d_palette\.npy has 8 colours but the model has 16 tokens"):
+        run()
+    np.save(tmp_path / "d_palette.npy", np.zeros((16, 3), np.float32))
+    save_checkpoint(tmp_path / "m.pt", tiny_model(), palette=np.ones((16, 3), np.float32) / 2)
+    with pytest.raises(SystemExit, match=r"palettes of .*d_palette\.npy .* and .*m\.pt .* differ"):
+        run()

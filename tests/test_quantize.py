@@ -1,4 +1,5 @@
 """quantize.py, the command line: every file it writes, its refusals, the CIFAR download."""
+import json
 import os
 
 import numpy as np
@@ -8,7 +9,9 @@ from PIL import Image
 import data
 import quantize
 from data import holdout, load_tokens, make_shapes
+from igpt import save_checkpoint
 from palette import decode, encode, find_palette, load_palette
+from tiny import tiny_model
 
 
 CLI = ["shapes", "--test", "shapes", "--num_images", "50", "--n_px", "8", "--k", "16", "--device", "cpu",
@@ -49,6 +52,30 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path):
     np.testing.assert_array_equal(load_palette(out + "_palette.npy"), load_palette(str(tmp_path / "p.npy")))
 
 
+def test_the_manifest_lists_every_file_and_a_run_cut_short_leaves_a_set_readers_refuse(tmp_path, monkeypatch):
+    out = str(tmp_path / "s")
+    quantize.main(CLI + ["--out", out])
+    listed = json.load(open(out + "_manifest.json"))["files"]
+    assert sorted(listed) == sorted(p.name for p in tmp_path.iterdir() if p.name != "s_manifest.json")
+    saved, real_save = [], quantize.save_npy
+
+    def save_then_die(path, array):  # the --force run is interrupted after its second file
+        real_save(path, array)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "save_npy", save_then_die)
+    with pytest.raises(SystemExit):
+        quantize.main(CLI + ["--out", out, "--force", "--k", "4"])
+    for split in ("tr", "va", "te"):
+        with pytest.raises(ValueError, match="did not finish"):
+            load_tokens(out, split)
+    monkeypatch.setattr(quantize, "save_npy", real_save)
+    quantize.main(CLI + ["--out", out, "--force", "--k", "4"])
+    assert load_palette(out + "_palette.npy").shape == (4, 3) and load_tokens(out, "tr")[0].max() < 4
+
+
 def write_palette(tmp_path):
     np.save(tmp_path / "p.npy", np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32))
     return tmp_path / "p.npy"
@@ -77,3 +104,13 @@ def test_cli_downloads_cifar(tmp_path, cifar_server, monkeypatch):
     quantize.main(["cifar10:train", "--test", "cifar10:test", "--download", str(tmp_path / "dl"), "--k", "8",
                    "--device", "cpu", "--val_frac", "0.2", "--out", out])
     assert load_tokens(out, "tr")[0].shape == (8, 1024) and load_tokens(out, "te")[1].tolist() == [9, 0, 1]
+
+
+def test_the_palette_can_be_a_checkpoints_own(tmp_path):
+    palette = np.random.default_rng(3).uniform(-1, 1, (16, 3)).astype(np.float32)
+    save_checkpoint(tmp_path / "m.pt", tiny_model(n_px=8), palette=palette)
+    quantize.main(CLI + ["--out", str(tmp_path / "s"), "--palette", str(tmp_path / "m.pt")])
+    np.testing.assert_array_equal(load_palette(str(tmp_path / "s_palette.npy")), palette)
+    save_checkpoint(tmp_path / "bare.pt", tiny_model(n_px=8))
+    with pytest.raises(SystemExit, match="the checkpoint holds no palette"):
+        quantize.main(CLI + ["--out", str(tmp_path / "t"), "--palette", str(tmp_path / "bare.pt")])

@@ -90,7 +90,7 @@ def test_existing_outputs_are_not_overwritten_without_force(ckpt, tmp_path):
 
 
 def test_a_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nope.pt"):
+    with pytest.raises(SystemExit, match="no checkpoint at .*nope.pt"):
         run("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "a")
 
 
@@ -141,3 +141,12 @@ def test_on_a_gpu_the_tokens_are_the_engines(ckpt, tmp_path):
     expected = engine.generate(num_samples=3, generator=torch.Generator("cuda").manual_seed(9))
     assert engine.fast
     np.testing.assert_array_equal(np.load(tmp_path / "g" / "samples.npy"), expected.cpu().numpy())
+
+
+def test_prime_tokens_of_another_palette_are_refused(ckpt, tmp_path):
+    np.save(tmp_path / "d_teX.npy", np.zeros((2, 16), np.uint16))
+    np.save(tmp_path / "d_palette.npy", palette(seed=1))
+    with pytest.raises(SystemExit, match=r"palettes of .*d_palette\.npy \(16 colours\) and the model"):
+        run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--out", tmp_path / "a")
+    np.save(tmp_path / "d_palette.npy", palette())
+    run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--out", tmp_path / "a", "--num_prime", 1)

@@ -1,13 +1,16 @@
 """tf_checkpoint.py: crc32c, the index, every dtype, and clear errors for corrupt, truncated, missing, damaged or
 partitioned checkpoints, all on the fixture TensorFlow wrote (tf_fixtures)."""
 import os
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tf_checkpoint
+from common import USER_ERRORS
 from convert import tf_to_igpt
 from tf_checkpoint import TFCheckpoint, crc32c
 from tf_fixtures import FIXTURES, GOLDEN, PREFIX
@@ -131,3 +134,25 @@ def test_partitioned_variables_are_refused():
         ckpt.read("model/wte")
     with pytest.raises(ValueError, match="'model/wte' .* partitioned"):
         tf_to_igpt(ckpt)
+
+
+def test_random_corruptions_give_the_same_model_or_an_error_a_script_turns_into_one_line(tmp_path):
+    prefix = copy_fixture(tmp_path)
+    clean = tf_to_igpt(TFCheckpoint(prefix), verbose=False).state_dict()
+    files = sorted(prefix.parent.iterdir())
+    rng = random.Random(0)
+    for _ in range(60):  # a byte flipped or the file cut short, in any of the four files
+        path = rng.choice(files)
+        whole = path.read_bytes()
+        damaged = bytearray(whole)
+        if rng.random() < 0.8:
+            damaged[rng.randrange(len(whole))] ^= 1 << rng.randrange(8)
+        else:
+            damaged = damaged[:rng.randrange(len(whole))]
+        path.write_bytes(damaged)
+        try:
+            state = tf_to_igpt(TFCheckpoint(prefix), verbose=False).state_dict()
+            assert all(torch.equal(state[k], clean[k]) for k in clean)  # the damage was in what is never read
+        except USER_ERRORS:
+            pass
+        path.write_bytes(whole)

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import signal
+import socket
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import parallel
 import quantize
 import train
 from data import load_tokens
-from igpt import IGPT, IGPTConfig, fixed_mask, load_checkpoint
+from igpt import IGPT, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--log_interval", "1", "--warmup_steps", "2",
@@ -80,7 +82,7 @@ def test_killed_and_resumed_run_gives_the_losses_of_an_uninterrupted_run(tmp_pat
             raise KeyboardInterrupt  # the process is killed right after the step-6 checkpoint
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):
         run(*common, "--out", tmp_path / "cut")
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == 6
@@ -181,7 +183,7 @@ def test_a_run_started_over_in_the_other_kind_replaces_the_old_checkpoint(tmp_pa
     args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
             "--max_steps", 1, "--eval_interval", 1, "--device", "cpu"]
     run(*args)
-    with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume"):
+    with pytest.raises(SystemExit, match=r"holds a run \(.*ckpt.pt\): pass --resume"):
         run(*args, "--fsdp")
     run(*args, "--fsdp", "--force")
     assert sorted(os.listdir(tmp_path / "o")) == ["ckpt.dcp", "log.jsonl"]
@@ -355,6 +357,165 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     ckpt = load_checkpoint(tmp_path / "o" / "ckpt.pt")
     assert ckpt["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, monkeypatch):
+    prefix = write_tokens(tmp_path)
+    args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 6,
+            "--ckpt_interval", 1]
+    real_step = torch.optim.AdamW.step
+    steps = []
+
+    def poisoning_step(self, *a, **k):  # the third update turns a weight into nan; its loss was finite
+        result = real_step(self, *a, **k)
+        steps.append(1)
+        if len(steps) == 3:
+            self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(SystemExit, match=r"holds inf or nan after step 3; .* last good checkpoint is .*ckpt\.pt "
+                                         r"\(step 2\): resume it with a lower --learning_rate"):
+        run(*args)
+    ckpt = load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ckpt["step"] == 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert run("--resume", "--out", tmp_path / "o", "--learning_rate", 1e-3)["step"] == 6
+
+
+def test_checkpoints_come_at_their_own_interval_as_well(tmp_path, monkeypatch):
+    prefix = write_tokens(tmp_path)
+    steps, real_save = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: steps.append(k["step"]) or real_save(*a, **k))
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 7,
+        "--eval_interval", 6, "--ckpt_interval", 4)
+    assert steps == [4, 6, 7]
+
+
+def test_resume_refuses_options_that_would_change_the_run_and_says_when_it_is_done(tmp_path, capsys):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 2)
+    for flag, value in [("--batch_size", 4), ("--n_layer", 3), ("--ckpt", tmp_path / "o" / "ckpt.pt")]:
+        with pytest.raises(SystemExit, match=f"with its own {flag} .* {flag} .* would change it: drop the flag"):
+            run("--resume", "--out", tmp_path / "o", flag, value)
+    assert run("--resume", "--out", tmp_path / "o", "--batch_size", 8)["step"] == 2  # the same value is no change
+    assert "at step 2, the run's --max_steps 2: nothing to train; give a larger --max_steps" in capsys.readouterr().out
+    assert run("--resume", "--out", tmp_path / "o", "--max_steps", 3)["step"] == 3
+
+
+def test_resume_refuses_a_checkpoint_of_options_it_does_not_know(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
+    path = tmp_path / "o" / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "model", "palette", "checksums")}
+    extra["train_config"] = {**extra["train_config"], "objective": "bert"}  # from a version with more options
+    save_checkpoint(path, IGPT.from_checkpoint(path), palette=ckpt["palette"], **extra)
+    with pytest.raises(SystemExit, match=r"options this train\.py does not know \(\['objective'\]\)"):
+        run("--resume", "--out", tmp_path / "o", "--max_steps", 2)
+
+
+def test_a_resumed_run_keeps_a_log_whose_last_line_a_kill_cut_short(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 2)
+    with open(tmp_path / "o" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    run("--resume", "--out", tmp_path / "o", "--max_steps", 3)
+    assert sorted(losses(tmp_path / "o")) == [1, 2, 3]
+
+
+def test_the_micro_batch_is_chosen_from_the_batch(capsys):
+    for batch, world, micro in [(64, 1, 32), (16, 1, 16), (48, 1, 24), (100, 1, 25), (64, 4, 16), (66, 2, 11)]:
+        assert train.micro_batch(train.TrainConfig(batch_size=batch), world) == micro
+    assert train.micro_batch(train.TrainConfig(batch_size=64, micro_batch_size=8), 2) == 8
+    with pytest.raises(SystemExit, match="multiple of --micro_batch_size 24 x 1"):
+        train.micro_batch(train.TrainConfig(batch_size=64, micro_batch_size=24), 1)
+
+
+def test_log_lines_give_the_time_per_step_and_what_is_left(tmp_path, capsys):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 4, "--log_interval", 2)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ") and "loss" in l]
+    assert [l.split(":")[0] for l in lines if "va loss" not in l] == ["step 1/4", "step 2/4", "step 4/4"]
+    assert all(" a step, " in l and l.endswith(" to go") for l in lines if "va loss" not in l)
+
+
+def test_a_folder_with_a_log_but_no_checkpoint_is_not_overwritten_without_force(tmp_path):
+    prefix = write_tokens(tmp_path)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit, match="log.jsonl.*--resume .* or --force"):
+        run("--data", prefix, "--out", tmp_path / "o", *TINY, "--max_steps", 1)
+    assert (tmp_path / "o" / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_a_checkpoint_of_another_palette_is_refused_naming_both(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "pre", *TINY, "--batch_size", 8, "--max_steps", 1)
+    os.makedirs(tmp_path / "other")
+    other = write_tokens(tmp_path / "other", seed=1)  # the same shapes, another palette
+    for args in (["--clf", "--out", tmp_path / "ft"], ["--eval_only"]):
+        with pytest.raises(SystemExit, match=r"palettes of .*other/toy_palette\.npy \(16 colours\) and "
+                                             r".*pre/ckpt\.pt \(16 colours\) differ"):
+            run("--data", other, "--ckpt", tmp_path / "pre" / "ckpt.pt", *args)
+    np.save(f"{other}_palette.npy", np.zeros((8, 3), np.float32))
+    with pytest.raises(SystemExit, match=r"toy_palette\.npy has 8 colours but the model has 16 tokens"):
+        run("--data", other, "--ckpt", tmp_path / "pre" / "ckpt.pt", "--eval_only")
+
+
+def start(*args):
+    """train.py in a process of its own, its output read line by line."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_step(process, step):
+    for line in process.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    raise AssertionError(f"the run ended before step {step}: {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_one_line(tmp_path, sig):
+    prefix = write_tokens(tmp_path)
+    out = tmp_path / "o"
+    process = start("--data", prefix, "--out", out, *TINY, "--batch_size", 8, "--max_steps", 100000,
+                    "--eval_interval", 100000, "--device", "cpu")
+    wait_for_step(process, 3)
+    process.send_signal(sig)
+    process.stdout.read()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + sig
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert err.splitlines() == [f"train.py: stopped by {sig.name} after step {step} and wrote {out}/ckpt.pt; "
+                                f"continue with: python train.py --resume --out {out}"]
+    assert run("--resume", "--out", out, "--max_steps", step + 1)["step"] == step + 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    prefix = write_tokens(tmp_path)
+    out = tmp_path / "o"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        ranks.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "train.py"), "--data", prefix, "--out", str(out), *map(str, TINY),
+             "--batch_size", "8", "--max_steps", "100000", "--eval_interval", "100000", "--device", "cpu"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    wait_for_step(ranks[0], 3)
+    ranks[1].send_signal(signal.SIGTERM)  # only the second rank is told
+    outputs = [(p.communicate(timeout=120), p.returncode) for p in ranks]
+    assert [code for _, code in outputs] == [128 + signal.SIGTERM] * 2
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert outputs[0][0][1].splitlines()[-1].startswith(f"train.py: stopped by SIGTERM after step {step} and wrote")
+    assert "Traceback" not in outputs[0][0][1] + outputs[1][0][1]
 
 
 def test_token_values_outside_the_palette_are_a_clear_error(tmp_path):
