@@ -167,7 +167,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
 
 def test_hf_export_of_a_bert_model_is_refused(tmp_path):
     save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True))
-    with pytest.raises(ValueError, match="BERT model cannot be exported to Hugging Face"):
+    with pytest.raises(SystemExit, match="BERT model cannot be exported to Hugging Face"):
         main(["--to_hf", "--ckpt", str(tmp_path / "bert.pt"), "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
 
