@@ -424,7 +424,7 @@ def _train_py_memory(size, n_px, micro_batch_size, options, steps=8, warmup=3):
             run = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=stderr,
                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
             for line in run.stdout:
-                if line.startswith(f"step {steps + 1}:"):  # the records of the first `steps` are in the log
+                if line.startswith((f"step {steps + 1}:", f"step {steps + 1}/")):  # the first `steps` are logged
                     break
             run.kill()
             run.wait()
