@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import warnings
 import zlib
 
 import numpy as np
@@ -230,6 +231,73 @@ class Crc32Writer:
 
     def flush(self):
         self.f.flush()
+
+
+# ---- files that verify themselves: torch.save's zip with every tensor's crc32 inside and the file's outside ----
+# The crc32 of each tensor's bytes, stored beside them as "checksums", names a tensor that changed; the crc32 of the
+# whole file, in the comment of torch's zip (FILE_CRC, then 8 hex digits), catches a change anywhere else: the
+# structure, the names, the zip's own records. Loading checks the file's crc32, and looks for the tensor to name only
+# when it fails.
+FILE_CRC = b"igpt-crc32:"
+
+
+def save_verified(path, obj):
+    """torch.save(obj) (a dict) to path atomically, with obj["checksums"] added and the file's crc32 in the zip's
+    comment, for load_verified."""
+    obj = {**obj, "checksums": {name: tensor_crc32(t) for name, t in named_tensors(obj)}}
+
+    def write(f):
+        crc = Crc32Writer(f)
+        torch.save(obj, crc)
+        comment = FILE_CRC + b"%08x" % crc.crc
+        f.seek(-2, os.SEEK_END)  # the zip ends with the length of its comment, empty as torch writes it
+        f.write(len(comment).to_bytes(2, "little") + comment)
+    atomic_write(path, write)
+
+
+def load_verified(path, map_location="cpu"):
+    """What save_verified wrote to path, loaded with weights_only=True, or None when torch cannot read it as such
+    (another kind of file, or objects beyond tensors and plain values). A file whose crc32 no longer matches is a
+    ValueError naming the tensor or part that changed; a file without checksums (written before they were kept)
+    loads with a note."""
+    intact = _file_crc32_matches(path)
+    try:
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # torch's own message would suggest loading the file unsafely
+        obj = None
+    if intact is False:
+        raise ValueError(f"{path!r} is corrupt: {_changed_part(obj)} changed since it was written (its crc32 does "
+                         "not match); use another copy")
+    if intact is None and isinstance(obj, dict) and "checksums" in obj:
+        raise ValueError(f"{path!r} is corrupt: its zip comment, which records the file's crc32, is damaged")
+    if intact is None and isinstance(obj, dict):
+        log(f"note: {path} has no checksums (an earlier version wrote it), so it could not be verified")
+    return obj
+
+
+def _file_crc32_matches(path):
+    """Whether the file's zip comment holds the crc32 of the file as torch wrote it (that is, with an empty
+    comment); None when it has no such comment."""
+    n, size = len(FILE_CRC) + 8, os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - n - 2))
+        tail = f.read()
+    if tail[:2] != n.to_bytes(2, "little") or tail[2:-8] != FILE_CRC:
+        return None
+    return tail[-8:] == b"%08x" % zlib.crc32(b"\0\0", file_crc32(path, size - n - 2))
+
+
+def _changed_part(obj):
+    """What no longer matches in a file that fails its crc32: a tensor, or what lies around them."""
+    if not isinstance(obj, dict):
+        return "its structure (torch can no longer read it)"
+    checksums = obj.get("checksums") if isinstance(obj.get("checksums"), dict) else {}
+    for name, t in named_tensors(obj):
+        if checksums.get(name) != tensor_crc32(t):
+            return f"tensor {name}"
+    return "a part outside the tensors' bytes (the config, the names or the zip's records)"
 
 
 def grid_image(images, pad=2, scale=1):

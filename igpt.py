@@ -24,8 +24,6 @@ nanoGPT. The fast paths (fused GPU kernels, CUDA graphs) live beside this file i
 import inspect
 import math
 import os
-import warnings
-import zlib
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -33,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Crc32Writer, atomic_write, file_crc32, first_nonfinite, log, named_tensors, tensor_crc32
+from common import first_nonfinite, load_verified, save_verified
 
 PRESETS = {  # the paper's models: n_embd, n_head, n_layer (76M, 455M, 1.4B, 6.8B parameters); s, m, l were released
     "s": dict(n_embd=512, n_head=8, n_layer=24),
@@ -348,6 +346,8 @@ def fixed_mask(image_ids, config, seed=0):
     seed = (seed,) if isinstance(seed, int) else tuple(seed)
     rows = [np.random.default_rng([*seed, int(i)]).random(config.block_size) for i in image_ids]
     return torch.from_numpy(np.stack(rows) < config.bert_mask_prob)
+
+
 def weights_mismatch(model, state, optional=()):
     """Why the tensors of `state` cannot load into `model` (missing, unexpected or misshaped; names in `optional`
     may be missing), in one line, or "" when they fit."""
@@ -428,17 +428,13 @@ def generate(model, num_samples=None, prime=None, temperature=1.0, top_k=None, t
 
 
 # ---- the checkpoint format: a .pt holding {"config": dict, "model": state_dict, "palette": tensor | None, ...} ----
-# Two checks guard it. The crc32 of each tensor's bytes, stored beside them as "checksums", names a tensor that
-# changed; the crc32 of the whole file, in the comment of torch's zip (FILE_CRC, then 8 hex digits), catches a change
-# anywhere else: the config, the names, the zip's own records. Loading verifies the file's crc32, and looks for the
-# tensor to name only when it fails.
-FILE_CRC = b"igpt-crc32:"
-
+# written and read through common.save_verified and load_verified, which guard it with checksums: every tensor's,
+# to name what changed, and the whole file's, to notice a change anywhere.
 
 def save_checkpoint(path, model=None, palette=None, **extra):
-    """Write a checkpoint, with the checksums load_checkpoint verifies, atomically (temp file in the same folder,
-    then rename), so an interrupted write never leaves a broken file in place of a good one. extra entries
-    (optimizer state, step, ...) are stored beside. Nothing non-finite is saved: inf or nan is a ValueError."""
+    """Write a checkpoint atomically and with its checksums, so an interrupted write never leaves a broken file in
+    place of a good one and a damaged one is refused on load. extra entries (optimizer state, step, ...) are stored
+    beside. Nothing non-finite is saved: inf or nan is a ValueError."""
     obj = dict(extra)
     if model is not None:
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -449,38 +445,7 @@ def save_checkpoint(path, model=None, palette=None, **extra):
     bad = first_nonfinite(obj)
     if bad is not None:
         raise ValueError(f"not writing {path}: {bad} holds inf or nan")
-    obj["checksums"] = {name: tensor_crc32(t) for name, t in named_tensors(obj)}
-
-    def write(f):
-        crc = Crc32Writer(f)
-        torch.save(obj, crc)
-        comment = FILE_CRC + b"%08x" % crc.crc
-        f.seek(-2, os.SEEK_END)  # the zip ends with the length of its comment, empty as torch writes it
-        f.write(len(comment).to_bytes(2, "little") + comment)
-    atomic_write(path, write)
-
-
-def _file_crc32_matches(path):
-    """Whether the file's zip comment holds the crc32 of the file as torch wrote it (that is, with an empty
-    comment); None when it has no such comment."""
-    n, size = len(FILE_CRC) + 8, os.path.getsize(path)
-    with open(path, "rb") as f:
-        f.seek(max(0, size - n - 2))
-        tail = f.read()
-    if tail[:2] != n.to_bytes(2, "little") or tail[2:-8] != FILE_CRC:
-        return None
-    return tail[-8:] == b"%08x" % zlib.crc32(b"\0\0", file_crc32(path, size - n - 2))
-
-
-def _changed_part(ckpt):
-    """What no longer matches in a checkpoint whose file fails its crc32: a tensor, or what lies around them."""
-    if not isinstance(ckpt, dict):
-        return "its structure (torch can no longer read it)"
-    checksums = ckpt.get("checksums") if isinstance(ckpt.get("checksums"), dict) else {}
-    for name, t in named_tensors(ckpt):
-        if checksums.get(name) != tensor_crc32(t):
-            return f"tensor {name}"
-    return "a part outside the tensors' bytes (the config, the names or the zip's records)"
+    save_verified(path, obj)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -493,29 +458,15 @@ def load_checkpoint(path, map_location="cpu"):
                          f"python convert.py --from_dcp {path} --out model.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; for the original TF release run convert.py first")
-    intact = _file_crc32_matches(path)
-    try:
-        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # torch's own message would suggest loading the file unsafely
-        ckpt = None
-    if intact is False:
-        raise ValueError(f"{path!r} is corrupt: {_changed_part(ckpt)} changed since it was written (its crc32 "
-                         "does not match); use another copy")
+    ckpt = load_verified(path, map_location)
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("config", "model")):
         raise ValueError(f"{path!r} is not an igpt checkpoint (train.py and convert.py write them): it is another "
                          "kind of file, cut short, or holds Python objects beyond tensors and plain values; an "
                          "original TF checkpoint needs convert.py")
-    if intact is None and "checksums" in ckpt:
-        raise ValueError(f"{path!r} is corrupt: its zip comment, which records the file's crc32, is damaged")
-    elif intact is None:
-        log(f"note: {path} has no checksums (an earlier version wrote it), so it could not be verified")
     bad = first_nonfinite(ckpt)
     if bad is not None:
         raise ValueError(f"{path!r}: {bad} holds inf or nan (a diverged run's weights?); use an earlier checkpoint")
-    known = {f.name for f in fields(IGPTConfig)}
-    unknown = set(ckpt["config"]) - known
+    unknown = set(ckpt["config"]) - {f.name for f in fields(IGPTConfig)}
     if unknown:
         raise ValueError(f"{path!r} has config fields this version does not know: {sorted(unknown)}")
     return ckpt

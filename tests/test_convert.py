@@ -52,7 +52,7 @@ def test_only_the_model_variables_are_read(monkeypatch):
     read = []
     original = TFCheckpoint.read
     monkeypatch.setattr(TFCheckpoint, "read", lambda self, name: read.append(name) or original(self, name))
-    model = tf_to_igpt(TFCheckpoint(PREFIX), verbose=False)
+    tf_to_igpt(TFCheckpoint(PREFIX), verbose=False)
     per_layer = ["ln_1/g", "ln_2/g", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/c_proj", "mlp/c_fc/w",
                  "mlp/c_proj/w"]
     expected = ["model/" + n for n in ("wte", "wpe", "sos", "wtet", "ln_f/g", "clf/wclf")]

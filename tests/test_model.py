@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from igpt import IGPT, IGPTConfig, fixed_mask, generate, load_checkpoint, save_checkpoint
 from tiny import TINY, tiny_model, tokens

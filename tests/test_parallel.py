@@ -8,7 +8,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import parallel
-from igpt import IGPT, IGPTConfig
+from igpt import IGPTConfig
 from tiny import TINY, tiny_model, tokens
 
 
