@@ -1,4 +1,4 @@
-"""The model's behaviour: shapes, the sos shift, causality, the loss, initialisation, checkpoints; the BERT
+"""igpt.py, the model: shapes, the sos shift, causality, the loss, BERT, initialisation, checkpoints (its generation: test_generate.py)."""
 objective: bidirectionality, the mask, its loss."""
 import math
 import random
