@@ -1,5 +1,5 @@
-"""igpt.py, the model: shapes, the sos shift, causality, the loss, BERT, initialisation, checkpoints (its generation: test_generate.py)."""
-objective: bidirectionality, the mask, its loss."""
+"""igpt.py, the model: shapes, the sos shift, causality, the loss, initialisation, checkpoints; the BERT objective:
+bidirectionality, the mask, its loss (generation: test_generate.py)."""
 import math
 import random
 
