@@ -60,8 +60,9 @@ from igpt import IGPT, IGPTConfig, load_checkpoint
 
 # MiB of gradients a DDP all-reduce carries. Larger than DDP's default (25): an all-reduce of a few MB over NVLink
 # costs mostly its fixed latency, and torch.compile compiles each bucket's part of the model as a graph of its own
-# (DDPOptimizer), which at the default cuts iGPT-L's blocks into hundreds of graphs. Small enough that the last
-# bucket, whose all-reduce starts only once the backward is done, is a small part of a step.
+# (DDPOptimizer), which at the default cuts each of iGPT-L's blocks into several graphs; at this size they are a
+# block each. Small enough that the last bucket, whose all-reduce starts only once the backward is done, is a small
+# part of a step.
 BUCKET_MB = 100
 
 
