@@ -5,7 +5,7 @@ Benchmarks. Each is a function registered with @benchmark; run them on a GPU:
     python bench.py all --out results          # every one, each kept as results/NAME_DEVICE.json
 
 Every benchmark prints its figures and returns them as a dict; with --out each lands in OUT/NAME_DEVICE.json
-(e.g. results/sample_h200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
+(e.g. results/sample_h200.json, results/ddp_scaling_s_8xh200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
 each run, after warm-up; medians are reported.
 
 The training benchmarks of parallel.py and of many GPUs (memory_*, ddp_scaling_*, fsdp_*, multi_gpu_resume) run
@@ -69,14 +69,16 @@ def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def device_slug():
-    """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), or cpu."""
+def device_slug(gpus=1):
+    """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), with their number when a benchmark
+    used several (8xh200), or cpu."""
     import re
     if not torch.cuda.is_available():
         return "cpu"
     name = device_name().replace("NVIDIA", "")
     found = re.search(r"\b([A-Za-z]+\d+\w*)\b", name)
-    return found.group(1).lower() if found else re.sub(r"\W+", "-", name.strip()).lower()
+    model = found.group(1).lower() if found else re.sub(r"\W+", "-", name.strip()).lower()
+    return f"{gpus}x{model}" if gpus > 1 else model
 
 
 @benchmark
@@ -600,6 +602,7 @@ def multi_gpu(fn):
                   + ("" if gpus else " (IGPT_BENCH_SMALL=1 runs it on CPU processes)"), flush=True)
             return None
         return fn()
+    run.multi_gpu = True  # its result file names the number of GPUs
     return run
 
 
@@ -969,10 +972,12 @@ def main():
     for name in names:
         print(f"== {name} on {device_name()}", flush=True)
         result = BENCHMARKS[name]()
-        figures = {"device": device_name(), "torch": torch.__version__, name: result}
+        gpus = torch.cuda.device_count() if getattr(BENCHMARKS[name], "multi_gpu", False) else 1
+        figures = {"device": device_name(), **({"gpus": gpus} if gpus > 1 else {}), "torch": torch.__version__,
+                   name: result}
         if args.out and result is not None:  # after each, so a run cut short keeps what it measured
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"{name}_{device_slug()}.json"), "w") as f:
+            with open(os.path.join(args.out, f"{name}_{device_slug(gpus)}.json"), "w") as f:
                 json.dump(figures, f, indent=2)
 
 
