@@ -438,8 +438,8 @@ class StopSignal:
 # ---- the run ----
 
 def setup_distributed(cfg):
-    """(rank, world, device) under torchrun, else a single process (parallel.shard gives it a group of
-    one under --fsdp)."""
+    """(rank, world, device) under torchrun, else a single process (parallel.shard gives it a group of one under
+    --fsdp)."""
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), \
             int(os.environ["WORLD_SIZE"])
