@@ -5,13 +5,25 @@ Benchmarks. Each is a function registered with @benchmark; run them on a GPU:
     python bench.py all --out results          # every one, each kept as results/NAME_DEVICE.json
 
 Every benchmark prints its figures and returns them as a dict; with --out each lands in OUT/NAME_DEVICE.json
-(e.g. results/sample_h200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
+(e.g. results/sample_h200.json, results/ddp_scaling_s_8xh200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
 each run, after warm-up; medians are reported.
+
+The training benchmarks of parallel.py and of many GPUs (memory_*, ddp_scaling_*, fsdp_*, multi_gpu_resume) run
+train.py itself, under `torch.distributed.run --standalone --nproc_per_node=N`, with NVLink multicast off in
+every process they start (MULTICAST_OFF in its environment). The multi-GPU ones train on 1, 2, 4 and 8 GPUs, as
+many as the host has (IGPT_BENCH_GPUS=2,8 picks some), and skip a host with one:
+
+    python bench.py ddp_scaling_s ddp_scaling_m fsdp_scaling_m fsdp_scaling_l fsdp_xl multi_gpu_resume --out results
+    IGPT_BENCH_SMALL=1 python bench.py ddp_scaling_s multi_gpu_resume    # CPU smoke run: 2 processes, gloo
 """
 import argparse
+import contextlib
 import copy
+import functools
+import glob
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,14 +69,16 @@ def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def device_slug():
-    """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), or cpu."""
+def device_slug(gpus=1):
+    """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), with their number when a benchmark
+    used several (8xh200), or cpu."""
     import re
     if not torch.cuda.is_available():
         return "cpu"
     name = device_name().replace("NVIDIA", "")
     found = re.search(r"\b([A-Za-z]+\d+\w*)\b", name)
-    return found.group(1).lower() if found else re.sub(r"\W+", "-", name.strip()).lower()
+    model = found.group(1).lower() if found else re.sub(r"\W+", "-", name.strip()).lower()
+    return f"{gpus}x{model}" if gpus > 1 else model
 
 
 @benchmark
@@ -407,55 +421,123 @@ def _small():
     return os.environ.get("IGPT_BENCH_SMALL") == "1"
 
 
-def _train_py_memory(size, n_px, micro_batch_size, options, steps=8, warmup=3):
-    """train.py in a process of its own (an out-of-memory error and the compiled code stay there) on random tokens,
-    micro_batch_size images a step, stopped after `steps` logged steps, before it would evaluate or save. Its memory
-    check is skipped, so that the GPU and not the estimate says what fits. Returns the peak memory (the log's
-    max_memory_gb; None on the CPU) and the median images/s after `warmup` steps, or None when it ran out of
-    memory. IGPT_BENCH_SMALL=1: the preset shrunk to SMALL_SIZES."""
+def _small_flags():
+    """train.py's flags that shrink a preset to SMALL_SIZES under IGPT_BENCH_SMALL=1 (else none)."""
+    return [a for k, v in SMALL_SIZES.items() if _small() for a in (f"--{k}", v)]
+
+
+# Set in every process the benchmarks start, as NCCL's NVLS, PyTorch's symmetric memory and NVSHMEM read them:
+# NVLink multicast stays off, since on a host whose GPUs others share a program using it can take them out of
+# service.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _torchrun_train(argv, nproc=1, stop_after=0, timeout=360):
+    """train.py with argv under `torch.distributed.run --standalone --nproc_per_node=nproc` (one process a GPU; on
+    the CPU, gloo), in a session of its own with MULTICAST_OFF in its environment. Its memory check is skipped, so
+    that the GPU and not the estimate says what fits. stop_after > 0: every process is killed (SIGKILL, so none
+    writes a checkpoint on the way out) once rank 0 has logged step stop_after + 1; all are killed after `timeout`
+    seconds in any case. Returns (exit status, stderr)."""
+    code = "import sys, train; train.check_memory = lambda *a: None; train.main(sys.argv[1:])"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--no_python",
+           sys.executable, "-c", code, *map(str, argv)]
+    with tempfile.TemporaryFile("w+") as stderr:
+        run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, **MULTICAST_OFF})
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), _kill_torchrun(run.pid)))
+        timer.start()
+        for line in run.stdout:
+            if stop_after and line.startswith(f"step {stop_after + 1}/"):
+                _kill_torchrun(run.pid)
+                break
+        timer.cancel()
+        run.wait()
+        stderr.seek(0)
+        return run.returncode, stderr.read() + (f"\nkilled after {timeout} s" if timed_out.is_set() else "")
+
+
+def _kill_torchrun(pid):
+    """SIGKILL the torchrun of process id pid, which leads a session of its own, and its workers, all at once:
+    torchrun starts each worker in a session of its own too, where a signal to torchrun's would not reach."""
+    workers = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(stat) as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])  # after the command's name: state, parent
+            if parent == pid:
+                workers.append(int(stat.split("/")[2]))
+    for session in [*workers, pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, signal.SIGKILL)
+
+
+def _log_records(out):
+    """The records of train.py's log.jsonl in the run folder out (none when it has none)."""
+    log = os.path.join(out, "log.jsonl")
+    return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+
+
+def _train_py_memory(size, n_px, micro_batch_size, options, steps=8, warmup=3, nproc=1):
+    """train.py on nproc GPUs (processes of their own: an out-of-memory error and the compiled code stay there) on
+    random tokens, micro_batch_size images a step on each, stopped after `steps` logged steps, before it would
+    evaluate or save. Returns rank 0's peak memory (the log's max_memory_gb; None on the CPU), the median images/s
+    of all processes together after `warmup` steps, the losses logged and the seconds the launch took (start-up,
+    compilation and all), or None when it ran out of memory. IGPT_BENCH_SMALL=1: the preset shrunk to SMALL_SIZES.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        prefix, out = _random_token_files(tmp, 2 * micro_batch_size, n_px), os.path.join(tmp, "out")
-        argv = ["--data", prefix, "--out", out, "--model", size, "--batch_size", str(micro_batch_size),
-                "--micro_batch_size", str(micro_batch_size), "--max_steps", "1000000", "--eval_interval", "1000000",
-                "--warmup_steps", "2", "--log_interval", "1", *options,
-                *[str(a) for k, v in SMALL_SIZES.items() if _small() for a in (f"--{k}", v)]]
-        code = "import sys, train; train.check_memory = lambda *a: None; train.main(sys.argv[1:])"
-        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
-            run = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            for line in run.stdout:
-                if line.startswith((f"step {steps + 1}:", f"step {steps + 1}/")):  # the first `steps` are logged
-                    break
-            run.kill()
-            run.wait()
-            stderr.seek(0)
-            errors = stderr.read()
-        log = os.path.join(out, "log.jsonl")
-        records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-    timed = [r for r in records if r["step"] > warmup]
+        batch_size = micro_batch_size * nproc
+        prefix, out = _random_token_files(tmp, 2 * batch_size, n_px), os.path.join(tmp, "out")
+        argv = ["--data", prefix, "--out", out, "--model", size, "--batch_size", batch_size,
+                "--micro_batch_size", micro_batch_size, "--max_steps", 1000000, "--eval_interval", 1000000,
+                "--warmup_steps", 2, "--log_interval", 1, *options, *_small_flags()]
+        started = time.perf_counter()
+        _, errors = _torchrun_train(argv, nproc, stop_after=steps)
+        wall_s = time.perf_counter() - started
+        records = _log_records(out)
+    timed = [r for r in records if warmup < r["step"] <= steps]
     if len(timed) < steps - warmup:
         if "out of memory" in errors:
             return None
-        raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{errors[-3000:]}")
+        raise RuntimeError(f"train.py {' '.join(map(str, argv))} on {nproc} process(es) failed:\n{errors[-3000:]}")
     return {"micro_batch_size": micro_batch_size, "max_memory_gb": timed[-1]["max_memory_gb"],
-            "images_per_s": statistics.median(r["images_per_s"] for r in timed)}
+            "images_per_s": statistics.median(r["images_per_s"] for r in timed),
+            "losses": [r["loss"] for r in records if r["step"] <= steps], "wall_s": wall_s}
+
+
+def _bench_config(size, n_px):
+    """The IGPTConfig of a preset as the runs here train it (shrunk to SMALL_SIZES under IGPT_BENCH_SMALL=1)."""
+    from igpt import IGPTConfig
+    return IGPTConfig.preset(size, n_px=n_px, **(SMALL_SIZES if _small() else {}))
+
+
+def _estimate(config, micro_batch_size, options, world=1):
+    """parallel.memory_estimate's total bytes per GPU for train.py with these options on world GPUs."""
+    import parallel
+    return parallel.memory_estimate(config, micro_batch_size, world, fsdp="--fsdp" in options,
+                                    activation_checkpointing="--activation_checkpointing" in options)["total"]
 
 
 def _estimated_largest(config, options, capacity):
     """The largest micro-batch that parallel.memory_estimate fits in capacity bytes (at least 1)."""
-    import parallel
-    setup = dict(fsdp="--fsdp" in options, activation_checkpointing="--activation_checkpointing" in options)
-    one, two = (parallel.memory_estimate(config, m, **setup)["total"] for m in (1, 2))
+    one, two = (_estimate(config, m, options) for m in (1, 2))
     return max(1, int((capacity - one) // (two - one)) + 1)
+
+
+def _gb(gb):
+    return f"{gb:.1f} GB" if gb >= 0.1 else f"{1e3 * gb:.1f} MB"
+
+
+def _peak(result):
+    """The peak memory of a result of _train_py_memory, as words."""
+    return _gb(result["max_memory_gb"]) if result["max_memory_gb"] is not None else "not measured on the CPU"
 
 
 def _memory_runs(size, n_px, options, micro_batch_size=None):
     """train.py's peak memory and images/s at micro_batch_size, or else at the largest the estimate fits on this
     GPU and, while that runs out of memory, at three quarters of the last; beside the estimate itself. On the CPU
     (no memory to fill) 4 images."""
-    import parallel
-    from igpt import IGPTConfig
-    config = IGPTConfig.preset(size, n_px=n_px, **(SMALL_SIZES if _small() else {}))
+    config = _bench_config(size, n_px)
     capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     micro = micro_batch_size or (_estimated_largest(config, options, capacity) if capacity else 4)
     while (result := _train_py_memory(size, n_px, micro, options)) is None and micro > 1:
@@ -463,12 +545,10 @@ def _memory_runs(size, n_px, options, micro_batch_size=None):
         micro = max(1, micro * 3 // 4)
     if result is None:
         return {"micro_batch_size": 1, "out_of_memory": True}
-    setup = dict(fsdp="--fsdp" in options, activation_checkpointing="--activation_checkpointing" in options)
-    result["estimate_gb"] = parallel.memory_estimate(config, result["micro_batch_size"], **setup)["total"] / 1e9
-    peak = result["max_memory_gb"]
+    result["estimate_gb"] = _estimate(config, result["micro_batch_size"], options) / 1e9
     print(f"iGPT-{size.upper()} {n_px}x{n_px}, {' '.join(['one GPU', *options])}: micro-batch "
-          f"{result['micro_batch_size']}, {result['images_per_s']:.1f} images/s, peak " + (f"{peak:.1f} GB" if peak is not None else "unknown (CPU)")
-          + f", estimate {result['estimate_gb']:.1f} GB", flush=True)
+          f"{result['micro_batch_size']}, {result['images_per_s']:.1f} images/s, peak {_peak(result)}, estimate "
+          f"{_gb(result['estimate_gb'])}", flush=True)
     return result
 
 
@@ -507,6 +587,190 @@ def memory_xl():
     which micro-batch, its peak memory and images/s. IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, 4 a step."""
     sides = [8] if _small() else [32, 64]
     return {f"xl_{n_px}": _memory_runs("xl", n_px, ["--fsdp", "--activation_checkpointing"]) for n_px in sides}
+
+
+# ---- many GPUs: train.py under torchrun, DDP and FSDP ----
+
+def multi_gpu(fn):
+    """For a benchmark of several GPUs: it runs on a host with two or more, and on one without a GPU as
+    IGPT_BENCH_SMALL=1's smoke run (CPU processes, gloo); elsewhere it says why not and gives no figures (None)."""
+    @functools.wraps(fn)
+    def run():
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < 2 and not (gpus == 0 and _small()):
+            print(f"{fn.__name__} needs 2 GPUs or more and this host has {gpus}"
+                  + ("" if gpus else " (IGPT_BENCH_SMALL=1 runs it on CPU processes)"), flush=True)
+            return None
+        return fn()
+    run.multi_gpu = True  # its result file names the number of GPUs
+    return run
+
+
+def _gpu_counts(least=1, every=True):
+    """The numbers of GPUs to train on: of 1, 2, 4 and 8, those from `least` up to the GPUs this host has (2 CPU
+    processes without a GPU), every one or (every=False) the fewest and the most; IGPT_BENCH_GPUS=2,8 picks instead.
+    """
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    counts = [n for n in (1, 2, 4, 8) if least <= n <= visible]
+    if "IGPT_BENCH_GPUS" in os.environ:
+        return [n for n in counts if str(n) in os.environ["IGPT_BENCH_GPUS"].split(",")]
+    return counts if every else sorted({counts[0], counts[-1]})
+
+
+def _on(n):
+    """'2 GPUs', or '2 CPU processes' on a host without a GPU."""
+    unit = ("GPU", "GPUs") if torch.cuda.is_available() else ("CPU process", "CPU processes")
+    return f"{n} {unit[n > 1]}"
+
+
+def _scaling(size, micro_batch_size, options, counts):
+    """train.py for iGPT-size under torchrun on each number of GPUs in counts, with micro_batch_size 32x32 images a
+    step on every GPU (so the batch grows with the GPUs): the images/s of all together, its efficiency against that
+    many times the one-GPU figure (when counts has 1), and rank 0's peak memory beside the estimate.
+    IGPT_BENCH_SMALL=1: SMALL_SIZES, 8x8 images, 4 a step."""
+    n_px, micro = (8, 4) if _small() else (32, micro_batch_size)
+    config = _bench_config(size, n_px)
+    kind = "FSDP" if "--fsdp" in options else "DDP"
+    runs = {}
+    for n in counts:
+        result = _train_py_memory(size, n_px, micro, options, nproc=n) or {"micro_batch_size": micro,
+                                                                            "out_of_memory": True}
+        result["estimate_gb"] = _estimate(config, micro, options, world=n) / 1e9
+        one = runs.get("gpus_1", {}).get("images_per_s")
+        if one and "images_per_s" in result:
+            result["efficiency"] = result["images_per_s"] / (n * one)
+        runs[f"gpus_{n}"] = result
+        setup = f"iGPT-{size.upper()}" + (f", {kind}" if n > 1 or kind == "FSDP" else "")
+        setup += "".join(f" {o}" for o in options if o != "--fsdp")
+        if "images_per_s" not in result:
+            print(f"{setup} on {_on(n)}, {micro} images a step each: out of memory (estimate "
+                  f"{_gb(result['estimate_gb'])} a process)", flush=True)
+            continue
+        ips = result["images_per_s"]
+        print(f"{setup} on {_on(n)}, {micro} images a step each: {ips:.1f} images/s ({ips / n:.1f} each)"
+              + (f", {100 * result['efficiency']:.1f}% of {n}x one's" if "efficiency" in result else "")
+              + f"; peak {_peak(result)}, estimate {_gb(result['estimate_gb'])} a process", flush=True)
+    return runs
+
+
+def _fsdp_against_ddp(size, micro_batch_size):
+    """_scaling under DDP and under --fsdp on the same numbers of GPUs: FSDP's images/s and peak memory as
+    fractions of DDP's."""
+    counts = _gpu_counts(least=2, every=False)
+    out = {"ddp": _scaling(size, micro_batch_size, [], counts),
+           "fsdp": _scaling(size, micro_batch_size, ["--fsdp"], counts), "fsdp_over_ddp": {}}
+    for n in counts:
+        ddp, fsdp = out["ddp"][f"gpus_{n}"], out["fsdp"][f"gpus_{n}"]
+        if "images_per_s" not in ddp or "images_per_s" not in fsdp:
+            continue
+        ratio = {"images_per_s": fsdp["images_per_s"] / ddp["images_per_s"]}
+        if ddp["max_memory_gb"] is not None:
+            ratio["max_memory_gb"] = fsdp["max_memory_gb"] / ddp["max_memory_gb"]
+        out["fsdp_over_ddp"][f"gpus_{n}"] = ratio
+        print(f"iGPT-{size.upper()} on {_on(n)}: FSDP at {ratio['images_per_s']:.2f}x DDP's images/s"
+              + (f", {ratio['max_memory_gb']:.2f}x its peak memory" if "max_memory_gb" in ratio else ""), flush=True)
+    return out
+
+
+@benchmark
+@multi_gpu
+def ddp_scaling_s():
+    """iGPT-S under DDP, bf16, compiled, 64 images a step on each GPU, on 1, 2, 4 and 8 GPUs (as many as the host
+    has; IGPT_BENCH_GPUS=1,2 picks): images/s, the efficiency against N times one GPU's (the target is 90%), peak
+    memory per GPU and the estimate. IGPT_BENCH_SMALL=1: a tiny model on 1 and 2 CPU processes (gloo)."""
+    return _scaling("s", 64, [], _gpu_counts())
+
+
+@benchmark
+@multi_gpu
+def ddp_scaling_m():
+    """ddp_scaling_s for iGPT-M, 32 images a step on each GPU."""
+    return _scaling("m", 32, [], _gpu_counts())
+
+
+@benchmark
+@multi_gpu
+def fsdp_scaling_m():
+    """iGPT-M under --fsdp and under DDP on 2 GPUs and on all the host has (IGPT_BENCH_GPUS=2,4,8 for more
+    counts), 32 images a step on each, bf16, compiled: images/s and peak memory per GPU of each, the estimate beside
+    it, and FSDP's as fractions of DDP's. IGPT_BENCH_SMALL=1: a tiny model on 2 CPU processes."""
+    return _fsdp_against_ddp("m", 32)
+
+
+@benchmark
+@multi_gpu
+def fsdp_scaling_l():
+    """fsdp_scaling_m for iGPT-L, 16 images a step on each GPU."""
+    return _fsdp_against_ddp("l", 16)
+
+
+@benchmark
+@multi_gpu
+def fsdp_xl():
+    """iGPT-XL (6.8B parameters) under --fsdp --activation_checkpointing on 2 GPUs and on all the host has
+    (IGPT_BENCH_GPUS=2,4,8 for more counts), 16 32x32 images a step on each: does it train (the losses of its steps
+    are in the figures), at what images/s, and its peak memory per GPU beside the estimate. Every process builds
+    the whole model in host memory before sharding it. IGPT_BENCH_SMALL=1: a tiny model on 2 CPU processes."""
+    return _scaling("xl", 16, ["--fsdp", "--activation_checkpointing"], _gpu_counts(least=2, every=False))
+
+
+def _relative_difference(a, b, keys):
+    """The largest |a[k] - b[k]| / |b[k]| over keys."""
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in keys)
+
+
+def _killed_and_resumed(options, steps=12, cut=6):
+    """iGPT-S (bf16, compiled) on 2 GPUs for `steps` steps of 64 images on each, with flips: once uninterrupted,
+    once killed (every process, SIGKILL) right after its checkpoint of step `cut` and continued with --resume. The
+    largest relative difference between the two runs' losses before the cut, where they ran the same computation
+    (the GPU's run-to-run noise), after it (that noise and whatever the resume changed), and of the final
+    evaluation. IGPT_BENCH_SMALL=1: SMALL_SIZES, 8x8 images, 4 a step, on 2 CPU processes."""
+    import parallel
+    from igpt import load_checkpoint
+    n_px, micro = (8, 4) if _small() else (32, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = _random_token_files(tmp, 8 * micro, n_px)
+        whole, cut_out = os.path.join(tmp, "whole"), os.path.join(tmp, "cut")
+        argv = ["--data", prefix, "--model", "s", "--batch_size", 2 * micro, "--micro_batch_size", micro,
+                "--max_steps", steps, "--warmup_steps", 2, "--log_interval", 1, "--flip", "--ckpt_interval", cut,
+                "--ckpt_minutes", 0, "--eval_interval", steps, "--eval_images", 2 * micro, *options,
+                *_small_flags()]
+
+        def must(run_argv, stop_after=0):
+            code, errors = _torchrun_train(run_argv, 2, stop_after)
+            if code != 0 and not stop_after:
+                raise RuntimeError(f"train.py {' '.join(map(str, run_argv))} failed:\n{errors[-3000:]}")
+            return errors
+        must([*argv, "--out", whole])
+        errors = must([*argv, "--out", cut_out], stop_after=cut)
+        path = parallel.find_checkpoint(cut_out)
+        if path is None:
+            raise RuntimeError(f"the run to be killed wrote no checkpoint:\n{errors[-3000:]}")
+        saved = (parallel.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path))["step"]
+        must(["--resume", "--out", cut_out])
+        records = {name: _log_records(out) for name, out in [("whole", whole), ("resumed", cut_out)]}
+    by_step = lambda name, key: {r["step"]: r[key] for r in records[name] if key in r}
+    whole, resumed = by_step("whole", "loss"), by_step("resumed", "loss")
+    assert resumed.keys() == whole.keys() == set(range(1, steps + 1)), "the runs did not log every step"
+    out = {"checkpoint_step": saved, "losses_whole": list(whole.values()), "losses_resumed": list(resumed.values()),
+           "before_cut": _relative_difference(resumed, whole, range(1, cut + 1)),
+           "after_cut": _relative_difference(resumed, whole, range(cut + 1, steps + 1)),
+           "final_eval": _relative_difference(by_step("resumed", "va_loss"), by_step("whole", "va_loss"), [steps])}
+    kind = "FSDP" if "--fsdp" in options else "DDP"
+    print(f"{kind} on {_on(2)}, killed after its step-{saved} checkpoint and resumed: losses of steps "
+          f"{cut + 1}-{steps} within {out['after_cut']:.1e} (relative) of the uninterrupted run's, of steps "
+          f"1-{cut} (the same computation twice) within {out['before_cut']:.1e}; the final evaluation within "
+          f"{out['final_eval']:.1e}", flush=True)
+    return out
+
+
+@benchmark
+@multi_gpu
+def multi_gpu_resume():
+    """Exact resume on 2 GPUs under DDP and under --fsdp: iGPT-S killed after a checkpoint and resumed, against the
+    same run uninterrupted (_killed_and_resumed). IGPT_BENCH_SMALL=1: a tiny model on 2 CPU processes, where the
+    losses agree to float32 rounding."""
+    return {"ddp": _killed_and_resumed([]), "fsdp": _killed_and_resumed(["--fsdp"])}
 
 
 # ---- sample.py: KV-cached generation ----
@@ -707,10 +971,13 @@ def main():
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     for name in names:
         print(f"== {name} on {device_name()}", flush=True)
-        figures = {"device": device_name(), "torch": torch.__version__, name: BENCHMARKS[name]()}
-        if args.out:  # after each, so a run cut short keeps what it measured
+        result = BENCHMARKS[name]()
+        gpus = torch.cuda.device_count() if getattr(BENCHMARKS[name], "multi_gpu", False) else 1
+        figures = {"device": device_name(), **({"gpus": gpus} if gpus > 1 else {}), "torch": torch.__version__,
+                   name: result}
+        if args.out and result is not None:  # after each, so a run cut short keeps what it measured
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"{name}_{device_slug()}.json"), "w") as f:
+            with open(os.path.join(args.out, f"{name}_{device_slug(gpus)}.json"), "w") as f:
                 json.dump(figures, f, indent=2)
 
 

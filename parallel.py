@@ -15,6 +15,10 @@ is gathered in fp32 and the blocks' inputs are not cast, so the residual stream 
 autocast. The parameters become
 DTensors: AdamW and clip_grad_norm_ work on them unchanged, the norm taken over every shard.
 
+DDP (replicate) keeps the whole model on every GPU and averages the gradients by all-reduces of buckets that start
+while the backward of the earlier layers still runs; the gradients are views into those buckets, so a step holds
+one copy of them.
+
 Activation checkpointing (checkpoint_blocks) keeps only each block's input for the backward and runs the block's
 forward again there: a block then keeps 4 bytes per token and unit of width instead of about 38 (block_saves), for
 one more forward pass of compute. It works under DDP and FSDP alike.
@@ -46,12 +50,31 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import atomic_write
 from igpt import IGPT, IGPTConfig, load_checkpoint
 
 
-# ---- wrapping the model: activation checkpointing, then FSDP ----
+# ---- wrapping the model: DDP, or activation checkpointing, then FSDP ----
+
+# MiB of gradients a DDP all-reduce carries. Larger than DDP's default (25): an all-reduce of a few MB over NVLink
+# costs mostly its fixed latency, and torch.compile compiles each bucket's part of the model as a graph of its own
+# (DDPOptimizer), which at the default cuts each of iGPT-L's blocks into several graphs; at this size they are a
+# block each. Small enough that the last bucket, whose all-reduce starts only once the backward is done, is a small
+# part of a step.
+BUCKET_MB = 100
+
+
+def replicate(model, device):
+    """DDP over every process of the group, the all-reduce of each BUCKET_MB bucket overlapping the backward of
+    the layers before it (also when the model is compiled: torch.compile splits its graph at the buckets). The
+    gradients are views into the buckets, so a step holds one copy of them: zero them in place
+    (zero_grad(set_to_none=False)), since a gradient set to None comes back as a new tensor that DDP copies into
+    its bucket."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=BUCKET_MB,
+               gradient_as_bucket_view=True)
+
 
 def checkpoint_blocks(model):
     """Activation checkpointing, in place: every block of model.h keeps only its input for the backward and
@@ -263,7 +286,7 @@ def memory_estimate(config, micro_batch_size, world=1, fsdp=False, activation_ch
     weights: the fp32 weights (a 1/world shard under FSDP) and the copies in compute precision in use: without FSDP,
     autocast's cast of every weight, kept from the forward to the backward; under FSDP two blocks gathered at a time
     (the one running and the next, prefetched) and the root, gathered in fp32. gradients: fp32 (a shard under FSDP,
-    plus two blocks' whole gradients in flight); DDP's communication buckets are a second copy. optimizer: Adam's
+    plus two blocks' whole gradients in flight; under DDP they are its communication buckets). optimizer: Adam's
     two fp32 moments (a shard under FSDP). activations: what the blocks keep for the backward (block_saves per token
     and unit of width), or with activation checkpointing each block's fp32 input and one block's recomputed
     tensors; then the final norm, the logits and their fp32 log-softmax. Not counted: the CUDA context, the
@@ -281,7 +304,6 @@ def memory_estimate(config, micro_batch_size, world=1, fsdp=False, activation_ch
         gradients += 2 * (c + 4) * n_block + 4 * n_root
     else:
         weights += c * n if c < 4 else 0
-        gradients += 4 * n if world > 1 else 0
     saved = 4 * config.n_layer + block_saves(c) if activation_checkpointing else block_saves(c) * config.n_layer
     per_token = (saved + 4 + c) * config.n_embd + (c + 8) * config.n_vocab
     parts = dict(weights=weights, gradients=gradients, optimizer=optimizer,

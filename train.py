@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import parallel
 from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, resolve_device, script, set_threads,
@@ -439,8 +438,8 @@ class StopSignal:
 # ---- the run ----
 
 def setup_distributed(cfg):
-    """(rank, local_rank, world, device) under torchrun, else a single process (parallel.shard gives it a group of
-    one under --fsdp)."""
+    """(rank, world, device) under torchrun, else a single process (parallel.shard gives it a group of one under
+    --fsdp)."""
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), \
             int(os.environ["WORLD_SIZE"])
@@ -449,14 +448,14 @@ def setup_distributed(cfg):
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        return rank, local_rank, world, device
-    return 0, 0, 1, resolve_device(cfg.device)
+        return rank, world, device
+    return 0, 1, resolve_device(cfg.device)
 
 
 @script
 def main(argv=None):
     cfg, given = parse_config(argv)
-    rank, local_rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg)
     set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -573,8 +572,9 @@ def main(argv=None):
         model = FineTuneLoss(model, cfg.gen_weight)
     if do_compile and not cfg.fsdp:  # under FSDP each block is compiled on its own
         model = torch.compile(model)
-    if world > 1 and not cfg.fsdp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    ddp = world > 1 and not cfg.fsdp
+    if ddp:
+        model = parallel.replicate(model, device)
 
     if master:
         keep = kept_log_lines(log_path, step) if resume_state is not None else []
@@ -654,7 +654,7 @@ def main(argv=None):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not ddp)  # DDP's gradients are views into its buckets: zeroed in place
         step += 1
         steps_since += 1
 
