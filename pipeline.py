@@ -74,9 +74,10 @@ def stage_args(recipe, stage, out, source, force, device):
 def summarise(stage, result):
     """The figures of a stage worth keeping in summary.json."""
     if stage == "probe":
-        best = max(result, key=lambda r: r["val_acc"])
-        return {"best_layer": best["layer"], "best_test_acc": best["test_acc"],
-                "test_acc_by_layer": {r["layer"]: r["test_acc"] for r in result}}
+        best = max(result["rows"], key=lambda r: r["val_acc"])
+        pixels = {"pixels_test_acc": result["pixels"]["test_acc"]} if result["pixels"] else {}
+        return {"best_layer": best["layer"], "best_test_acc": best["test_acc"], **pixels,
+                "test_acc_by_layer": {r["layer"]: r["test_acc"] for r in result["rows"]}}
     if stage in ("sample", "complete"):
         return {"png": result["png"], "images": result["images"]}
     return result

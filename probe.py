@@ -6,6 +6,7 @@ a multinomial logistic regression on these features measures how linearly separa
     python probe.py --ckpt igpt_s.pt --data data/cifar10                     # every layer (the default*)
     python probe.py --ckpt igpt_s.pt --data data/cifar10 --layers 8,12,16    # or 10-20, or --layer 16
     python probe.py --ckpt igpt_s.pt --data data/cifar10 --Cs 0.01,0.1,1     # another grid of C
+    python probe.py --ckpt out/ckpt.pt --data data/shapes --baseline          # and the raw pixels beside them
 
 The data are quantize.py's token files {data}_{tr,va,te}{X,Y}.npy (or the original release's, through
 load_tokens): va is the seeded 10% of the training set held out for choosing the regularisation.
@@ -23,6 +24,9 @@ seconds, and the curve over depth shows where the best features lie (in the midd
    refit on tr + va (standardised with their mean and std), and that model's te accuracy is reported.
 3. Output: the table (layer, C, val acc, test acc) printed and written to {out}/probe.json, and the accuracy
    against depth drawn to {out}/probe.png.
+With --baseline the same probe is also fitted on the raw quantized pixels (each pixel's palette colour, the image
+exactly as the model reads it): what a linear classifier gets without the model, the floor its features should
+clear.
 """
 import hashlib
 import json
@@ -39,6 +43,7 @@ from engine import fuse_mlp
 from igpt import IGPT
 from common import add_device_options, argument_parser, atomic_write, default_device, resolve_device, switch
 from data import load_tokens
+from palette import find_palette, load_palette
 
 SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
@@ -243,14 +248,31 @@ def load_split(data, split):
     return X, Y
 
 
+def pixel_features(X, palette):
+    """Token images X [N, n_px*n_px] as their raw quantized pixels: each token's palette colour (in [-1, 1], as the
+    palette holds it), float32 [N, n_px*n_px*3]."""
+    X = torch.from_numpy(np.asarray(X, dtype=np.int64))
+    return torch.as_tensor(palette, dtype=torch.float32)[X].flatten(1)
+
+
 def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
-                 compile=None, max_iter=1000, tol=1e-4):
+                 compile=None, max_iter=1000, tol=1e-4, baseline=False):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
     plot to {out}/probe.png. layers: a spec for parse_layers or a list; Cs: "0.01,0.1" or a list; compile:
-    torch.compile the feature pass (default: on CUDA). Returns the table's rows."""
+    torch.compile the feature pass (default: on CUDA); baseline: also probe the raw quantized pixels
+    (pixel_features, with the checkpoint's palette, else {data}_palette.npy), the floor the features should
+    clear. Returns the report written to probe.json: {"ckpt", "data", "Cs", "rows" (one per layer), "pixels"
+    (the baseline's probe_layer result, or None)}."""
     device = device or default_device()
     model = IGPT.from_checkpoint(ckpt)
+    palette = model.palette
+    if baseline and palette is None:
+        path = find_palette(data)
+        if path is None:
+            raise FileNotFoundError(f"the pixel baseline needs the palette the tokens index: {ckpt} holds none "
+                                    f"and {data}_palette.npy is missing")
+        palette = load_palette(path)
     layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
     Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
     if not Cs or Cs[0] <= 0:
@@ -261,27 +283,35 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     paths = {split: cached_features(model, X, split, layers, folder, batch_size=batch_size, device=device,
                                     compile=compile) for split, (X, _) in splits.items()}
     del model
-    rows = []
-    print(f"{'layer':>5} {'C':>8} {'val acc':>8} {'test acc':>8}")
+    labels = {s: torch.from_numpy(np.asarray(splits[s][1])) for s in SPLITS}
+    rows, pixels = [], None
+    show = lambda name, r: print(f"{name:>6} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%",
+                                 flush=True)
+    print(f"{'layer':>6} {'C':>8} {'val acc':>8} {'test acc':>8}")
     for l in layers:
-        sets = [(np.load(paths[s][l]), torch.from_numpy(np.asarray(splits[s][1]))) for s in SPLITS]
-        rows.append({"layer": l, **probe_layer(*sets, Cs, device, max_iter, tol)})
-        r = rows[-1]
-        print(f"{l:5d} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%", flush=True)
+        rows.append({"layer": l, **probe_layer(*[(np.load(paths[s][l]), labels[s]) for s in SPLITS], Cs, device,
+                                               max_iter, tol)})
+        show(l, rows[-1])
+    if baseline:
+        pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs, device,
+                             max_iter, tol)
+        show("pixels", pixels)
     best = max(rows, key=lambda r: r["val_acc"])
-    print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%")
-    report = json.dumps({"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows}, indent=2)
-    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(report.encode()))
-    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
-    return rows
+    print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%"
+          + (f" (the raw pixels: {100 * pixels['test_acc']:.2f}%)" if pixels else ""))
+    report = {"ckpt": ckpt, "data": data, "Cs": Cs, "rows": rows, "pixels": pixels}
+    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}", pixels=pixels)
+    return report
 
 
-def plot(rows, path, title="linear probe", size=(640, 400)):
-    """Validation and test accuracy against layer, as a PNG drawn with PIL."""
+def plot(rows, path, title="linear probe", size=(640, 400), pixels=None):
+    """Validation and test accuracy against layer, as a PNG drawn with PIL; the raw pixels' test accuracy, when
+    given (a probe_layer result), as a dashed line across."""
     w, h = size
     x0, y0, x1, y1 = 60, 30, w - 20, h - 45  # the plotting area
     layers = [r["layer"] for r in rows]
-    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")]
+    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")] + ([100 * pixels["test_acc"]] if pixels else [])
     lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
     lmin, lmax = min(layers), max(layers)
     px = lambda l: x0 + (x1 - x0) * (l - lmin + 0.5) / (lmax - lmin + 1)
@@ -304,6 +334,11 @@ def plot(rows, path, title="linear probe", size=(640, 400)):
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         d.text((x1 - 60, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color)
+    if pixels:
+        y = py(100 * pixels["test_acc"])
+        for x in range(x0, x1, 12):
+            d.line([(x, y), (min(x + 6, x1), y)], fill="orange", width=2)
+        d.text((x1 - 60, y0 + 28), "pixels", fill="orange")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
@@ -317,6 +352,8 @@ def main(argv=None):
                    help="inverse regularisation strengths to choose from on va, as scikit-learn's C")
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="images a forward pass")
+    p.add_argument("--baseline", action="store_true", help="also probe the raw quantized pixels (each pixel's "
+                   "palette colour), the floor the features should clear")
     add_device_options(p, compile_what="the feature pass")
     p.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
@@ -325,7 +362,7 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
-                            switch(args.compile, device), args.max_iter, args.tol)
+                            switch(args.compile, device), args.max_iter, args.tol, args.baseline)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 

@@ -16,7 +16,7 @@ TINY = {
               "--max_steps", "3", "--warmup_steps", "1", "--eval_interval", "3", "--log_interval", "1"],
     "sample": ["--num_samples", "2"],
     "complete": ["--num_prime", "2", "--num_samples", "2"],
-    "probe": ["--Cs", "1"],
+    "probe": ["--Cs", "1", "--baseline"],
 }
 
 
@@ -42,6 +42,8 @@ def test_every_stage_runs_on_the_files_of_the_one_before(tiny, tmp_path):
     best = max(rows, key=lambda r: r["val_acc"])  # the layer chosen on validation, and its test accuracy
     assert (summary["probe"]["best_layer"], summary["probe"]["best_test_acc"]) == (best["layer"], best["test_acc"])
     assert summary["probe"]["test_acc_by_layer"] == {r["layer"]: r["test_acc"] for r in rows}
+    pixels = json.load(open(out / "probe" / "probe.json"))["pixels"]
+    assert summary["probe"]["pixels_test_acc"] == pixels["test_acc"]  # the baseline, beside the best layer
     assert json.load(open(out / "summary.json")) == json.loads(json.dumps(summary))
 
 

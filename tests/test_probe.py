@@ -10,7 +10,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from igpt import IGPT, save_checkpoint
-from probe import cache_dir, extract_features, fit_logistic, main, parse_layers, probe_layer, probe_layers, standardise
+from probe import (cache_dir, extract_features, fit_logistic, main, parse_layers, pixel_features, probe_layer,
+                   probe_layers, standardise)
 from tiny import tiny_model, tokens
 
 
@@ -130,6 +131,40 @@ def test_the_C_best_on_validation_is_chosen():
     assert 0.8 < result["test_acc"] <= 1.0
 
 
+# ---- the baseline on the raw pixels ----
+
+def test_pixel_features_are_each_tokens_palette_colour_in_raster_order():
+    palette = np.array([[-1, -1, -1], [0, 0.5, 1], [1, -0.5, 0]], np.float32)
+    f = pixel_features(np.array([[0, 2], [1, 1]], np.uint16), palette)
+    assert f.dtype == torch.float32
+    torch.testing.assert_close(f, torch.tensor([[-1, -1, -1, 1, -0.5, 0], [0, 0.5, 1, 0, 0.5, 1]]))
+
+
+def test_the_pixel_baseline_is_the_probe_scikit_learn_fits_on_the_palette_colours(tmp_path):
+    write_data(tmp_path / "d", sizes=(90, 45, 45))
+    palette = (np.random.default_rng(1).random((16, 3)) * 2 - 1).astype(np.float32)
+    save_checkpoint(tmp_path / "m.pt", tiny_model(), palette=palette)
+    Cs = [0.001, 0.01, 1.0]
+    report = probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "1", Cs, str(tmp_path / "out"),
+                          device="cpu", tol=1e-6, baseline=True)
+    # by hand: every pixel's colour, standardised on the fitting set (ddof 1, as torch's std), one fit per C,
+    # the C best on va refitted on tr + va and scored on te
+    X = {s: palette[np.load(tmp_path / f"d_{s}X.npy").astype(np.int64)].reshape(-1, 48).astype(np.float64)
+         for s in ("tr", "va", "te")}
+    y = {s: np.load(tmp_path / f"d_{s}Y.npy") for s in ("tr", "va", "te")}
+    scaled = lambda fit, x: (x - X[fit].mean(0)) / X[fit].std(0, ddof=1)
+    fit = lambda C, x, labels: LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x, labels)
+    val_accs = [fit(C, scaled("tr", X["tr"]), y["tr"]).score(scaled("tr", X["va"]), y["va"]) for C in Cs]
+    best = Cs[int(np.argmax(val_accs))]
+    X["trva"], y["trva"] = np.concatenate([X["tr"], X["va"]]), np.concatenate([y["tr"], y["va"]])
+    test_acc = fit(best, scaled("trva", X["trva"]), y["trva"]).score(scaled("trva", X["te"]), y["te"])
+    assert len(set(val_accs)) > 1  # a case where C matters
+    pixels = report["pixels"]
+    assert pixels["val_accs"] == pytest.approx(val_accs, abs=1e-6) and pixels["C"] == best
+    assert pixels["test_acc"] == pytest.approx(test_acc, abs=1e-6)
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["pixels"] == pixels
+
+
 # ---- the feature cache ----
 
 def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tmp_path, monkeypatch):
@@ -179,6 +214,21 @@ def test_cli_writes_the_table_and_the_plot(run, tmp_path, capsys):
     img = Image.open(tmp_path / "out" / "probe.png")
     colors = {c for _, c in img.getcolors(1 << 16)}
     assert img.size == (640, 400) and {(0, 0, 255), (128, 128, 128), (0, 0, 0)} <= colors  # test, val, axes
+
+
+def test_cli_baseline_reads_the_palette_beside_the_data_and_is_drawn_dashed(run, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # the tiny checkpoint holds no palette, and there is none beside the data
+        run("--baseline")
+    assert "d_palette.npy is missing" in capsys.readouterr().err
+    np.save(tmp_path / "d_palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
+    run("--baseline")
+    assert "pixels" in capsys.readouterr().out
+    table = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert table["pixels"]["C"] in (0.1, 1.0) and len(table["pixels"]["val_accs"]) == 2
+    colors = {c for _, c in Image.open(tmp_path / "out" / "probe.png").getcolors(1 << 16)}
+    assert (255, 165, 0) in colors  # the baseline's line
+    run()
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["pixels"] is None
 
 
 @pytest.mark.parametrize("args, message", [
