@@ -11,7 +11,8 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
     data/RECIPE_{tr,va,te}{X,Y}.npy, _palette.npy, _preview.png      quantize.py: tokens, palette, preview
     train/ckpt.pt, train/log.jsonl                                    train.py: the model and its training log
     samples.png, completions.png (and .npy)                           sample.py: samples and completions
-    probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer
+    probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer,
+                                                                      and of the raw pixels (--baseline, shapes)
     summary.json                                                      every stage's figures and wall time
 """
 import json
@@ -27,15 +28,17 @@ from common import add_device_options, argument_parser, atomic_write
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
-    # 16x16 coloured shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores.
+    # 16x16 shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores. A palette of
+    # the four colours it draws codes them exactly; the ten test images completed are one of each class (the
+    # labels cycle); these features need little regularisation, so the C grid reaches 100. docs/ has the runs.
     "shapes": {
-        "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "16"],
-        "train": ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--batch_size", "32",
-                  "--micro_batch_size", "32", "--max_steps", "400", "--learning_rate", "3e-3",
-                  "--warmup_steps", "40", "--eval_interval", "200", "--log_interval", "20"],
-        "sample": ["--num_samples", "16", "--scale", "8"],
-        "complete": ["--num_prime", "8", "--num_samples", "3", "--scale", "8"],
-        "probe": ["--Cs", "0.01,0.1,1"],
+        "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "4"],
+        "train": ["--n_layer", "4", "--n_embd", "64", "--n_head", "4", "--batch_size", "32",
+                  "--micro_batch_size", "32", "--max_steps", "1250", "--learning_rate", "5e-3",
+                  "--warmup_steps", "125", "--eval_interval", "625", "--log_interval", "125"],
+        "sample": ["--num_samples", "36", "--temperature", "0.9", "--scale", "6"],
+        "complete": ["--num_prime", "10", "--num_samples", "4", "--temperature", "0.9", "--scale", "6"],
+        "probe": ["--Cs", "1,10,100", "--max_iter", "2000", "--baseline"],
     },
     # CIFAR-10 from scratch on one H100 in about 10 minutes: a 12-layer, 512-wide iGPT (half of iGPT-S's depth,
     # 39M parameters) for 3,500 steps of 128 images (10 epochs of the 45,000-image train split).
@@ -121,6 +124,7 @@ def main(argv=None):
         if stage in summary:
             figures = {k: v for k, v in summary[stage].items() if k not in ("argv", "test_acc_by_layer")}
             print(f"{stage:>9}: {json.dumps(figures)}")
+    print(f"{'total':>9}: {sum(summary[s]['wall_seconds'] for s in STAGES if s in summary):.0f} s")
     return summary
 
 

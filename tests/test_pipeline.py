@@ -8,7 +8,7 @@ import torch
 
 import pipeline
 from igpt import IGPT
-from data import load_tokens
+from data import load_tokens, make_shapes
 
 TINY = {
     "quantize": ["shapes", "--test", "shapes", "--num_images", "60", "--n_px", "4", "--k", "8"],
@@ -69,6 +69,17 @@ def test_unknown_stages_are_refused(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--stages", "quantize,trian"])
     assert "unknown stage(s) ['trian']" in capsys.readouterr().err
+
+
+def test_the_shapes_recipe_completes_a_test_image_of_every_class():
+    argv = pipeline.stage_args("shapes", "complete", "out/s", "", False, "cpu")
+    num_prime = int(argv[argv.index("--num_prime") + 1])
+    _, labels, classes = make_shapes(num_prime, 4, seed=1)  # the first test images, as quantize.py draws them
+    assert sorted(set(labels)) == list(range(len(classes)))
+
+
+def test_the_shapes_recipe_reports_the_pixel_baseline():
+    assert "--baseline" in pipeline.stage_args("shapes", "probe", "out/s", "", False, "cpu")
 
 
 def test_the_cifar10_recipe_points_every_stage_at_the_same_run():
