@@ -30,7 +30,8 @@ from common import add_device_options, argument_parser, atomic_write
 RECIPES = {
     # 16x16 shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores. A palette of
     # the four colours it draws codes them exactly; the ten test images completed are one of each class (the
-    # labels cycle); these features need little regularisation, so the C grid reaches 100. docs/ has the runs.
+    # labels cycle); the C grid reaches both the raw pixels' best (small C) and the features' (large).
+    # docs/2026-12-01-main-job.md has the runs behind these choices.
     "shapes": {
         "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "4"],
         "train": ["--n_layer", "4", "--n_embd", "64", "--n_head", "4", "--batch_size", "32",
@@ -38,7 +39,7 @@ RECIPES = {
                   "--warmup_steps", "125", "--eval_interval", "625", "--log_interval", "125"],
         "sample": ["--num_samples", "36", "--temperature", "0.9", "--scale", "6"],
         "complete": ["--num_prime", "10", "--num_samples", "4", "--temperature", "0.9", "--scale", "6"],
-        "probe": ["--Cs", "1,10,100", "--max_iter", "2000", "--baseline"],
+        "probe": ["--Cs", "0.01,0.1,1,10,100", "--max_iter", "2000", "--baseline"],
     },
     # CIFAR-10 from scratch on one H100 in about 10 minutes: a 12-layer, 512-wide iGPT (half of iGPT-S's depth,
     # 39M parameters) for 3,500 steps of 128 images (10 epochs of the 45,000-image train split).
