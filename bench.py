@@ -112,23 +112,21 @@ QUANTIZE_IMAGES = {}  # decoded once for both benchmarks
 
 def cifar_images():
     """The 60,000 CIFAR-10 images of the JPEG zip at $IGPT_CIFAR_ZIP (its train/ and test/ folders); without it,
-    60,000 synthetic ones, shapes with +-4 noise per channel, a worst case in which nearly every colour of the
-    cube occurs. $IGPT_BENCH_IMAGES keeps only that many (for a quick run on the CPU)."""
+    60,000 of uniformly random pixels, a worst case in which nearly every colour of the cube occurs.
+    $IGPT_BENCH_IMAGES keeps only that many (for a quick run on the CPU)."""
     import os
 
     import numpy as np
 
-    from data import load_images, make_shapes
+    from data import load_images
     if "images" not in QUANTIZE_IMAGES:
         path = os.environ.get("IGPT_CIFAR_ZIP", "data/cifar10-jpeg.zip")
         count = int(os.environ.get("IGPT_BENCH_IMAGES", 60000))
         if os.path.exists(path):
             images = np.concatenate([load_images(f"{path}:{s}", 32)[0] for s in ("train", "test")])[:count]
         else:
-            print(f"warning: {path} not found (set IGPT_CIFAR_ZIP); using {count} synthetic images instead")
-            images, _, _ = make_shapes(count, 32, seed=0)
-            noise = np.random.default_rng(0).integers(-4, 5, images.shape, dtype=np.int16)
-            images = np.clip(images + noise, 0, 255).astype(np.uint8)
+            print(f"warning: {path} not found (set IGPT_CIFAR_ZIP); using {count} images of random pixels instead")
+            images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
         QUANTIZE_IMAGES["images"] = images
     return QUANTIZE_IMAGES["images"]
 
