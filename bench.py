@@ -129,23 +129,21 @@ QUANTIZE_IMAGES = {}  # decoded once for both benchmarks
 
 def cifar_images():
     """The 60,000 CIFAR-10 images of the JPEG zip at $IGPT_CIFAR_ZIP (its train/ and test/ folders); without it,
-    60,000 synthetic ones, shapes with +-4 noise per channel, a worst case in which nearly every colour of the
-    cube occurs. $IGPT_BENCH_IMAGES keeps only that many (for a quick run on the CPU)."""
+    60,000 of uniformly random pixels, a worst case in which nearly every colour of the cube occurs.
+    $IGPT_BENCH_IMAGES keeps only that many (for a quick run on the CPU)."""
     import os
 
     import numpy as np
 
-    from data import load_images, make_shapes
+    from data import load_images
     if "images" not in QUANTIZE_IMAGES:
         path = os.environ.get("IGPT_CIFAR_ZIP", "data/cifar10-jpeg.zip")
         count = int(os.environ.get("IGPT_BENCH_IMAGES", 60000))
         if os.path.exists(path):
             images = np.concatenate([load_images(f"{path}:{s}", 32)[0] for s in ("train", "test")])[:count]
         else:
-            print(f"warning: {path} not found (set IGPT_CIFAR_ZIP); using {count} synthetic images instead")
-            images, _, _ = make_shapes(count, 32, seed=0)
-            noise = np.random.default_rng(0).integers(-4, 5, images.shape, dtype=np.int16)
-            images = np.clip(images + noise, 0, 255).astype(np.uint8)
+            print(f"warning: {path} not found (set IGPT_CIFAR_ZIP); using {count} images of random pixels instead")
+            images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
         QUANTIZE_IMAGES["images"] = images
     return QUANTIZE_IMAGES["images"]
 
@@ -546,18 +544,22 @@ def _memory_runs(size, n_px, options, micro_batch_size=None):
     if result is None:
         return {"micro_batch_size": 1, "out_of_memory": True}
     result["estimate_gb"] = _estimate(config, result["micro_batch_size"], options) / 1e9
-    print(f"iGPT-{size.upper()} {n_px}x{n_px}, {' '.join(['one GPU', *options])}: micro-batch "
+    label = " ".join(["one GPU", *(o for o in options if o not in EAGER), *(["eager"] if EAGER[0] in options else [])])
+    print(f"iGPT-{size.upper()} {n_px}x{n_px}, {label}: micro-batch "
           f"{result['micro_batch_size']}, {result['images_per_s']:.1f} images/s, peak {_peak(result)}, estimate "
           f"{_gb(result['estimate_gb'])}", flush=True)
     return result
 
 
+EAGER = ["--compile", "off"]  # the memory runs: the model's own memory, and no compile before each try of a batch
+
+
 def _checkpointing_trade(n_px):
-    """iGPT-L on one GPU without and with activation checkpointing: each at its largest micro-batch, and
+    """iGPT-L on one GPU without and with activation checkpointing (eager): each at its largest micro-batch, and
     checkpointing also at the largest without it, where the memory saved and the throughput lost are read."""
-    plain = _memory_runs("l", n_px, [])
-    same = _memory_runs("l", n_px, ["--activation_checkpointing"], plain["micro_batch_size"])
-    largest = _memory_runs("l", n_px, ["--activation_checkpointing"])
+    plain = _memory_runs("l", n_px, EAGER)
+    same = _memory_runs("l", n_px, [*EAGER, "--activation_checkpointing"], plain["micro_batch_size"])
+    largest = _memory_runs("l", n_px, [*EAGER, "--activation_checkpointing"])
     out = {"plain": plain, "checkpointed_same_batch": same, "checkpointed": largest}
     if "images_per_s" in plain and plain["max_memory_gb"] is not None:
         out["memory_saved_gb"] = plain["max_memory_gb"] - same["max_memory_gb"]
@@ -583,10 +585,10 @@ def memory_l64():
 
 @benchmark
 def memory_xl():
-    """iGPT-XL on one GPU under --fsdp --activation_checkpointing, on 32x32 and 64x64 images: does a step run, at
+    """iGPT-XL on one GPU under --fsdp --activation_checkpointing (eager), on 32x32 images: does a step run, at
     which micro-batch, its peak memory and images/s. IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, 4 a step."""
-    sides = [8] if _small() else [32, 64]
-    return {f"xl_{n_px}": _memory_runs("xl", n_px, ["--fsdp", "--activation_checkpointing"]) for n_px in sides}
+    n_px = 8 if _small() else 32
+    return {f"xl_{n_px}": _memory_runs("xl", n_px, [*EAGER, "--fsdp", "--activation_checkpointing"])}
 
 
 # ---- many GPUs: train.py under torchrun, DDP and FSDP ----

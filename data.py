@@ -60,6 +60,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "plus", "s
 SPLITS = ("tr", "va", "te")
 SPLIT_FOLDERS = {"train", "test", "val", "valid", "validation"}  # names of splits, not of classes
 MAX_MEMBER_BYTES = 1 << 28  # a zip member declaring more is no image (a 1 MB zip can declare gigabytes)
+SHAPE_COLOURS = {"black": (0, 0, 0), "red": (220, 40, 40), "yellow": (250, 205, 40), "blue": (50, 110, 235)}
 
 
 # ---- images: any mode and size to RGB n_px x n_px; the dataset readers ----
@@ -406,18 +407,25 @@ def _shape_mask(kind, x, y, cx, cy, r, period, phase):
 
 
 def make_shapes(n, n_px=32, seed=0):
-    """The built-in dataset: n images of one of 10 shapes (SHAPES) in a random colour on a random background, at
-    a random position and size (stripes and checkers: random period and phase over the whole image), rendered
-    with 4x4 supersampling for smooth edges. Classes are balanced. Returns (uint8 [n, n_px, n_px, 3], int64
-    labels [n], class names); the same seed gives the same images."""
+    """The built-in dataset: n images of 10 kinds (SHAPES), each a shape in one of SHAPE_COLOURS on a background
+    of another, near the centre at a random size with a pixel of background all round (stripes and checkers: over
+    the whole image, 2 or 3 pixels wide, at any offset). Edges are hard (a pixel takes the shape's colour where the
+    shape covers at least half of it, from 4x4 samples), so the images hold only those colours and a palette of
+    len(SHAPE_COLOURS) codes them exactly. The labels cycle through the classes: the first 10*m images hold m of
+    each, and the first ten show every class. Returns (uint8 [n, n_px, n_px, 3], int64 labels [n], class names);
+    the same seed gives the same images."""
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % len(SHAPES))
-    cx, cy = rng.uniform(0.3, 0.7, (2, n))
-    r = rng.uniform(0.2, 0.38, n)
-    period, phase = rng.uniform(0.1, 0.25, n), rng.uniform(0, 1, n)
-    bg, fg = rng.integers(0, 256, (2, n, 3))
-    close = np.linalg.norm(fg - bg, axis=1) < 120  # keep every shape visible against its background
-    fg[close] = (bg[close] + 128) % 256
+    labels = np.arange(n) % len(SHAPES)
+    r = rng.uniform(0.34, 0.42, n)
+    edge = np.minimum(r + 1 / n_px, 0.5)  # a pixel of background all round, so the whole shape is in view
+    cx, cy = np.clip(0.5 + rng.uniform(-0.06, 0.06, (2, n)), edge, 1 - edge)
+    width = rng.integers(2, 4, n)  # stripes and checker squares 2 or 3 pixels wide, starting at any pixel
+    period, phase = width / n_px, rng.integers(0, 6, n) / width
+    colours = np.array(list(SHAPE_COLOURS.values()))
+    # Shape and background take any two different colours, so each pixel is any colour alike whatever the class
+    # and every class has the same mean image: a linear classifier on the pixels has little to hold on to.
+    bg = rng.integers(0, len(colours), n)
+    fg = (bg + rng.integers(1, len(colours), n)) % len(colours)
     s = 4
     g = (np.arange(n_px * s) + 0.5) / (n_px * s)
     images = np.empty((n, n_px, n_px, 3), np.uint8)
@@ -428,8 +436,8 @@ def make_shapes(n, n_px=32, seed=0):
             m = labels[b] == j
             p = [a[b][m][:, None, None] for a in (cx, cy, r, period, phase)]
             cover[m] = _shape_mask(kind, g[None, None, :], g[None, :, None], *p)
-        alpha = cover.reshape(len(b), n_px, s, n_px, s).mean((2, 4))[..., None]
-        images[b] = np.rint(bg[b, None, None] + alpha * (fg[b, None, None] - bg[b, None, None])).astype(np.uint8)
+        inside = cover.reshape(len(b), n_px, s, n_px, s).mean((2, 4)) >= 0.5
+        images[b] = np.where(inside[..., None], colours[fg[b]][:, None, None], colours[bg[b]][:, None, None])
     return images, labels.astype(np.int64), list(SHAPES)
 
 

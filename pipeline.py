@@ -1,5 +1,6 @@
 """
-The whole method end to end in one command: quantize -> train -> evaluate -> sample -> complete -> probe.
+The whole method end to end in one command: quantize -> train -> evaluate -> sample -> complete -> probe, then
+for the CIFAR-10 recipe -> finetune.
 
     python pipeline.py                                                   # built-in shapes, CPU, a few minutes
     python pipeline.py --recipe cifar10                                  # CIFAR-10 from scratch, one GPU
@@ -12,7 +13,9 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
     data/RECIPE_{tr,va,te}{X,Y}.npy, _palette.npy, _preview.png      quantize.py: tokens, palette, preview
     train/ckpt.pt, train/log.jsonl                                    train.py: the model and its training log
     samples.png, completions.png (and .npy)                           sample.py: samples and completions
-    probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer
+    probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer,
+                                                                      and of the raw pixels (--baseline, shapes)
+    finetune/ckpt.pt, finetune/log.jsonl                              train.py --clf: fine-tuned, its test accuracy
     summary.json                                                      every stage's figures and wall time
 """
 import json
@@ -29,31 +32,48 @@ from data import CIFAR
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
-    # 16x16 coloured shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores.
+    # 16x16 shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores. A palette of
+    # the four colours it draws codes them exactly; the ten test images completed are one of each class (the
+    # labels cycle); the C grid reaches both the raw pixels' best (small C) and the features' (large).
+    # docs/2026-12-01-main-job.md has the runs behind these choices.
     "shapes": {
-        "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "16"],
-        "train": ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--batch_size", "32",
-                  "--micro_batch_size", "32", "--max_steps", "400", "--learning_rate", "3e-3",
-                  "--warmup_steps", "40", "--eval_interval", "200", "--log_interval", "20"],
-        "sample": ["--num_samples", "16", "--scale", "8"],
-        "complete": ["--num_prime", "8", "--num_samples", "3", "--scale", "8"],
-        "probe": ["--Cs", "0.01,0.1,1"],
+        "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "4"],
+        "train": ["--n_layer", "4", "--n_embd", "64", "--n_head", "4", "--batch_size", "32",
+                  "--micro_batch_size", "32", "--max_steps", "1250", "--learning_rate", "5e-3",
+                  "--warmup_steps", "125", "--eval_interval", "625", "--log_interval", "125"],
+        "sample": ["--num_samples", "36", "--temperature", "0.9", "--scale", "6"],
+        "complete": ["--num_prime", "10", "--num_samples", "4", "--temperature", "0.9", "--scale", "6"],
+        "probe": ["--Cs", "0.01,0.1,1,10,100", "--max_iter", "2000", "--baseline"],
     },
-    # CIFAR-10 from scratch on one H100 in about 10 minutes: a 12-layer, 512-wide iGPT (half of iGPT-S's depth,
-    # 39M parameters) for 3,500 steps of 128 images (10 epochs of the 45,000-image train split).
+    # CIFAR-10 from scratch on one H100 or H200 in about 10 minutes of training: a 12-layer, 512-wide iGPT (half of
+    # iGPT-S's depth, 39M parameters) for 5,000 steps of 128 images (14 epochs of the 45,000-image train split),
+    # with the paper's flips and random crops (shifts of up to 2 pixels); the completions show a test image of each
+    # class; the probe's C grid reaches past the C the features choose, and the paper's joined layers beside the
+    # table. Then a fine-tuning of that model with a classifier beside the generative loss (the paper's joint
+    # objective, gen_weight 1), scored once on the test split at its end.
     "cifar10": {
         "quantize": ["{source}:train", "--test", "{source}:test", "--download", "data"],
         "train": ["--n_layer", "12", "--n_embd", "512", "--n_head", "8", "--batch_size", "128",
-                  "--micro_batch_size", "128", "--max_steps", "3500", "--learning_rate", "3e-3",
-                  "--warmup_steps", "200", "--eval_interval", "1000", "--log_interval", "50"],
+                  "--micro_batch_size", "128", "--max_steps", "5000", "--learning_rate", "3e-3",
+                  "--warmup_steps", "200", "--eval_interval", "2500", "--log_interval", "50", "--flip",
+                  "--crop", "2"],
         "sample": ["--num_samples", "64", "--batch_size", "64"],
-        "complete": ["--num_prime", "16", "--num_samples", "4", "--batch_size", "64"],
-        "probe": ["--Cs", "0.01,0.1,1"],
+        "complete": ["--num_prime", "10", "--prime_classes", "--num_samples", "4", "--batch_size", "64"],
+        "probe": ["--Cs", "1,10,100", "--concat", "8-12"],
+        "finetune": ["--batch_size", "128", "--micro_batch_size", "128", "--max_steps", "1000", "--learning_rate",
+                     "3e-4", "--warmup_steps", "100", "--flip", "--crop", "2", "--gen_weight", "1",
+                     "--eval_split", "te", "--eval_interval", "1000", "--log_interval", "50"],
     },
 }
 SCRIPTS = {"quantize": quantize, "train": train, "evaluate": train, "sample": sample, "complete": sample,
-           "probe": probe}  # each stage runs SCRIPT.main(argv), in this process
+           "probe": probe, "finetune": train}  # each stage runs SCRIPT.main(argv), in this process
 STAGES = tuple(SCRIPTS)
+OPTIONAL = ("finetune",)  # run only for the recipes that give them flags
+
+
+def recipe_stages(recipe):
+    """The stages a recipe runs by default: every one but the optional stages it gives no flags."""
+    return [s for s in STAGES if s not in OPTIONAL or s in RECIPES[recipe]]
 
 
 def stage_args(recipe, stage, out, source, force, device, threads=0):
@@ -67,6 +87,7 @@ def stage_args(recipe, stage, out, source, force, device, threads=0):
         "sample": ["--ckpt", ckpt, "--out", out],
         "complete": ["--ckpt", ckpt, "--prime", f"{data}_teX.npy", "--out", out],
         "probe": ["--ckpt", ckpt, "--data", data, "--out", os.path.join(out, "probe")],
+        "finetune": ["--ckpt", ckpt, "--clf", "--data", data, "--out", os.path.join(out, "finetune")],
     }[stage]
     overwrite = ["--force"] if force and stage != "evaluate" else []  # evaluating writes nothing
     return flags + paths + ["--device", device, "--threads", str(threads)] + overwrite
@@ -75,9 +96,12 @@ def stage_args(recipe, stage, out, source, force, device, threads=0):
 def summarise(stage, result):
     """The figures of a stage worth keeping in summary.json."""
     if stage == "probe":
-        best = max(result, key=lambda r: r["val_acc"])
-        return {"best_layer": best["layer"], "best_test_acc": best["test_acc"],
-                "test_acc_by_layer": {r["layer"]: r["test_acc"] for r in result}}
+        best = max(result["rows"], key=lambda r: r["val_acc"])
+        pixels = {"pixels_test_acc": result["pixels"]["test_acc"]} if result["pixels"] else {}
+        joint = ({"concat_layers": result["concat"]["layers"], "concat_test_acc": result["concat"]["test_acc"]}
+                 if result["concat"] else {})
+        return {"best_layer": best["layer"], "best_test_acc": best["test_acc"], **pixels, **joint,
+                "test_acc_by_layer": {r["layer"]: r["test_acc"] for r in result["rows"]}}
     if stage in ("sample", "complete"):
         return {"png": result["png"], "images": result["images"]}
     return result
@@ -92,15 +116,18 @@ def main(argv=None):
                         "data/ when it is not there), a zip or folder with train/ and test/ class folders, or "
                         "CIFAR-10's python pickle folder")
     p.add_argument("--out", default="", help="output folder ('': out/RECIPE)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages to run, in order")
+    p.add_argument("--stages", default="", help="comma-separated stages to run, in order, of "
+                   f"{','.join(STAGES)} ('': the recipe's: all, {' and '.join(OPTIONAL)} where it gives flags)")
     add_device_options(p)
     p.add_argument("--force", action="store_true", help="let the stages overwrite their earlier outputs")
     args = p.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] or recipe_stages(args.recipe)
     unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
+    if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    missing = [s for s in stages if s in OPTIONAL and s not in RECIPES[args.recipe]]
+    if missing:
+        p.error(f"the {args.recipe} recipe has no {missing[0]} stage; its stages: {','.join(recipe_stages(args.recipe))}")
     needs_source = "quantize" in stages and any("{source}" in a for a in RECIPES[args.recipe]["quantize"])
     if needs_source and args.source not in CIFAR and not os.path.exists(args.source):
         p.error(f"--source {args.source!r} does not exist: the {args.recipe} recipe reads its images from it "
@@ -128,6 +155,7 @@ def main(argv=None):
         if stage in summary:
             figures = {k: v for k, v in summary[stage].items() if k not in ("argv", "test_acc_by_layer")}
             print(f"{stage:>9}: {json.dumps(figures)}")
+    print(f"{'total':>9}: {sum(summary[s]['wall_seconds'] for s in STAGES if s in summary):.0f} s")
     return summary
 
 

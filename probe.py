@@ -6,6 +6,8 @@ a multinomial logistic regression on these features measures how linearly separa
     python probe.py --ckpt igpt_s.pt --data data/cifar10                     # every layer (the default*)
     python probe.py --ckpt igpt_s.pt --data data/cifar10 --layers 8,12,16    # or 10-20, or --layer 16
     python probe.py --ckpt igpt_s.pt --data data/cifar10 --Cs 0.01,0.1,1     # another grid of C
+    python probe.py --ckpt out/ckpt.pt --data data/shapes --baseline          # and the raw pixels beside them
+    python probe.py --ckpt out/ckpt.pt --data data/cifar10 --concat 6,9,12    # and those layers' features joined
 
 The data are quantize.py's token files {data}_{tr,va,te}{X,Y}.npy (or the original release's, through
 load_tokens): va is the seeded 10% of the training set held out for choosing the regularisation.
@@ -31,6 +33,13 @@ features are the same in every run and cache; the features average over every po
 the original's do. With --bert_masks K (the paper tried 5), each va and te image is read under K independent masks
 and the prediction counted is the mode of the K predictions, ties broken at random (seeded); the probe is fitted on
 the features of one mask of each training image.
+
+With --concat the same probe is also fitted on the features of several layers joined end to end (one vector of
+len(layers) x n_embd an image), as the paper probes iGPT-XL on five of its layers.
+
+With --baseline the same probe is also fitted on the raw quantized pixels (each pixel's palette colour, the image
+exactly as the model reads it): what a linear classifier gets without the model, the floor its features should
+clear.
 """
 import hashlib
 import json
@@ -271,13 +280,24 @@ def load_split(data, split):
     return X, Y
 
 
+def pixel_features(X, palette):
+    """Token images X [N, n_px*n_px] as their raw quantized pixels: each token's palette colour (in [-1, 1], as the
+    palette holds it), float32 [N, n_px*n_px*3]."""
+    X = torch.from_numpy(np.asarray(X, dtype=np.int64))
+    return torch.as_tensor(palette, dtype=torch.float32)[X].flatten(1)
+
+
 def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
-                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1, force=False):
+                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1, baseline=False, concat=None, force=False):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
     plot to {out}/probe.png (existing ones only with force). layers: a spec for parse_layers or a list; Cs:
     "0.01,0.1" or a list; compile: torch.compile the feature pass (default: on CUDA); bert_masks: for a BERT model,
-    the masks each va and te image is read under (their predictions' mode counts). Returns the table's rows."""
+    the masks each va and te image is read under (their predictions' mode counts); baseline: also probe the raw
+    quantized pixels (pixel_features, with the palette of the checkpoint or the data), the floor the features
+    should clear; concat: layers (a spec or a list) whose features are also probed joined. Returns the report
+    written to probe.json: {"ckpt", "data", "Cs", "rows" (one per layer), "pixels" (the baseline's probe_layer
+    result, or None), "concat" (the joined layers' result with their "layers", or None)}."""
     device = device or default_device()
     existing = [p for p in (os.path.join(out, "probe.json"), os.path.join(out, "probe.png")) if os.path.exists(p)]
     if existing and not force:
@@ -286,41 +306,60 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     if bert_masks < 1 or (bert_masks > 1 and not model.config.bert):
         raise ValueError(f"bert_masks={bert_masks}: it must be at least 1, and above 1 only for a BERT model "
                          "(an autoregressive one reads every image whole)")
-    one_palette(set_palette(data), (ckpt, model.palette), n_vocab=model.config.n_vocab)
-    layers = parse_layers(layers if isinstance(layers, str) else ",".join(map(str, layers)), model.config.n_layer)
+    palette = one_palette(set_palette(data), (ckpt, model.palette), n_vocab=model.config.n_vocab)
+    if baseline and palette is None:
+        raise FileNotFoundError(f"the pixel baseline needs the palette the tokens index: {ckpt} holds none "
+                                f"and {data}_palette.npy is missing")
+    spec = lambda ls: ls if isinstance(ls, str) else ",".join(map(str, ls))
+    layers = parse_layers(spec(layers), model.config.n_layer)
+    joined = parse_layers(spec(concat), model.config.n_layer) if concat else []
     Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
     if not Cs or Cs[0] <= 0:
         raise ValueError(f"C values must be positive, got {Cs}")
     splits = {split: load_split(data, split) for split in SPLITS}
     folder = cache_dir(ckpt, data, out)
     compile = device.startswith("cuda") if compile is None else compile
-    paths = {split: cached_features(model, X, split, layers, folder, 1 if split == "tr" else bert_masks,
+    paths = {split: cached_features(model, X, split, sorted({*layers, *joined}), folder,
+                                    1 if split == "tr" else bert_masks,
                                     batch_size=batch_size, device=device, compile=compile)
              for split, (X, _) in splits.items()}
     bert = model.config.bert
     del model
-    rows = []
-    print(f"{'layer':>5} {'C':>8} {'val acc':>8} {'test acc':>8}")
+    labels = {s: torch.from_numpy(np.asarray(splits[s][1])) for s in SPLITS}
+    rows, pixels, joint = [], None, None
+    show = lambda name, r: print(f"{name:>6} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%",
+                                 flush=True)
+    print(f"{'layer':>6} {'C':>8} {'val acc':>8} {'test acc':>8}")
     for l in layers:
-        sets = [(load_features(paths[s][l]), torch.from_numpy(np.asarray(splits[s][1]))) for s in SPLITS]
-        rows.append({"layer": l, **probe_layer(*sets, Cs, device, max_iter, tol)})
-        r = rows[-1]
-        print(f"{l:5d} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%", flush=True)
+        rows.append({"layer": l, **probe_layer(*[(load_features(paths[s][l]), labels[s]) for s in SPLITS], Cs,
+                                               device, max_iter, tol)})
+        show(l, rows[-1])
+    if baseline:
+        pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs, device,
+                             max_iter, tol)
+        show("pixels", pixels)
+    if joined:
+        joint = {"layers": joined, **probe_layer(*[(np.concatenate([load_features(paths[s][l]) for l in joined], -1),
+                                                    labels[s]) for s in SPLITS], Cs, device, max_iter, tol)}
+        show("+".join(map(str, joined)), joint)
     best = max(rows, key=lambda r: r["val_acc"])
-    print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%")
+    print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%"
+          + (f" (the raw pixels: {100 * pixels['test_acc']:.2f}%)" if pixels else "")
+          + (f"; layers {'+'.join(map(str, joined))} joined: {100 * joint['test_acc']:.2f}%" if joint else ""))
     masks = {"bert_masks": bert_masks} if bert else {}
-    report = json.dumps({"ckpt": ckpt, "data": data, "Cs": Cs, **masks, "rows": rows}, indent=2)
-    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(report.encode()))
-    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}")
-    return rows
+    report = {"ckpt": ckpt, "data": data, "Cs": Cs, **masks, "rows": rows, "pixels": pixels, "concat": joint}
+    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}", pixels=pixels)
+    return report
 
 
-def plot(rows, path, title="linear probe", size=(640, 400)):
-    """Validation and test accuracy against layer, as a PNG drawn with PIL."""
+def plot(rows, path, title="linear probe", size=(640, 400), pixels=None):
+    """Validation and test accuracy against layer, as a PNG drawn with PIL; the raw pixels' test accuracy, when
+    given (a probe_layer result), as a dashed line across."""
     w, h = size
     x0, y0, x1, y1 = 60, 30, w - 20, h - 45  # the plotting area
     layers = [r["layer"] for r in rows]
-    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")]
+    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")] + ([100 * pixels["test_acc"]] if pixels else [])
     lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
     lmin, lmax = min(layers), max(layers)
     px = lambda l: x0 + (x1 - x0) * (l - lmin + 0.5) / (lmax - lmin + 1)
@@ -343,6 +382,11 @@ def plot(rows, path, title="linear probe", size=(640, 400)):
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         d.text((x1 - 60, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color)
+    if pixels:
+        y = py(100 * pixels["test_acc"])
+        for x in range(x0, x1, 12):
+            d.line([(x, y), (min(x + 6, x1), y)], fill="orange", width=2)
+        d.text((x1 - 60, y0 + 28), "pixels", fill="orange")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
@@ -357,6 +401,10 @@ def main(argv=None):
                    help="inverse regularisation strengths to choose from on va, as scikit-learn's C")
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="images a forward pass")
+    p.add_argument("--concat", default="", help="also probe these layers' features joined end to end (e.g. "
+                   "6,9,12 or 8-12; '': no)")
+    p.add_argument("--baseline", action="store_true", help="also probe the raw quantized pixels (each pixel's "
+                   "palette colour), the floor the features should clear")
     add_device_options(p, compile_what="the feature pass")
     p.add_argument("--bert_masks", type=int, default=1, help="BERT models: the fixed masks each va and te image is "
                    "read under, the mode of their predictions counting (the paper's ensemble: 5)")
@@ -368,7 +416,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     set_threads(args.threads)
     return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
-                        switch(args.compile, device), args.max_iter, args.tol, args.bert_masks, args.force)
+                        switch(args.compile, device), args.max_iter, args.tol, args.bert_masks,
+                        args.baseline, args.concat or None, args.force)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 Images to iGPT token files: read a dataset, fit (or load) the k-means colour palette, write the tokens.
 
-    python quantize.py shapes --test shapes --num_images 5000 --out data/shapes          # the built-in dataset
+    python quantize.py shapes --test shapes --num_images 5000 --n_px 16 --k 4 --out data/shapes  # the built-in shapes
     python quantize.py data/cifar10-jpeg.zip:train --test data/cifar10-jpeg.zip:test --out data/cifar10
     python quantize.py cifar10:train --test cifar10:test --download data --out data/cifar10
     python quantize.py photos/ --out data/photos --palette kmeans_centers.npy --unlabelled

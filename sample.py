@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--prime", default="", help="images to complete: an image file, a folder, a .zip, or a token "
                                                ".npy file such as data/cifar10_teX.npy")
     p.add_argument("--num_prime", type=int, default=8, help="how many images of --prime to complete (the first ones)")
+    p.add_argument("--prime_classes", action="store_true", help="take the --prime images class by class in turn "
+                   "(the first of each class, then the second, ...) from their labels, not the first ones")
     p.add_argument("--prime_rows", type=int, default=0, help="rows of each primed image kept (0: n_px/2)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of every draw")
@@ -59,26 +61,47 @@ def parse_args(argv=None):
     return args
 
 
-def load_prime(source, palette, n_px, n_vocab, count):
+def load_prime(source, palette, n_px, n_vocab, count, by_class=False):
     """Up to `count` images to complete, as tokens [N, n_px*n_px] (from image files or a token .npy; a token file
-    of a set quantize.py wrote must be of the set and of the palette sampled with)."""
-    if source.endswith(".npy"):
-        if not os.path.isfile(source):
-            raise SystemExit(f"--prime {source!r}: no such file")
-        token_file = TOKEN_FILE.fullmatch(source)
-        if token_file:
-            check_set(token_file[1], [source])
-            one_palette(set_palette(token_file[1]), ("the model", palette))
-        tokens = np.load(source, mmap_mode="r")
-        if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
-            raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
-                             f"{n_px}x{n_px} model, got {tokens.dtype} {list(tokens.shape)}")
-        tokens = np.asarray(tokens[:count], dtype=np.int64)
-        if tokens.size and (tokens.max() >= n_vocab or tokens.min() < 0):
-            raise SystemExit(f"--prime {source!r}: token values must lie in 0..{n_vocab - 1}")
-        return tokens
-    images, _, _ = load_images(source, n_px)
-    return encode(images[:count], palette).astype(np.int64)
+    of a set quantize.py wrote must be of the set and of the palette sampled with). by_class: the images of
+    classes_in_turn, from the labels of the class folders or of the token file's {prefix}_{split}Y.npy."""
+    if not source.endswith(".npy"):
+        images, labels, _ = load_images(source, n_px)
+        if by_class and labels is None:
+            raise SystemExit(f"--prime_classes needs labelled images: {source} has no class folders")
+        return encode(images[classes_in_turn(labels, count) if by_class else slice(count)], palette).astype(np.int64)
+    if not os.path.isfile(source):
+        raise SystemExit(f"--prime {source!r}: no such file")
+    token_file = TOKEN_FILE.fullmatch(source)
+    if token_file:
+        check_set(token_file[1], [source])
+        one_palette(set_palette(token_file[1]), ("the model", palette))
+    tokens = np.load(source, mmap_mode="r")
+    if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
+        raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
+                         f"{n_px}x{n_px} model, got {tokens.dtype} {list(tokens.shape)}")
+    if by_class:
+        labels_path = f"{token_file[1]}_{token_file[2]}Y.npy" if token_file else ""
+        if not os.path.isfile(labels_path):
+            raise SystemExit(f"--prime_classes needs the labels of {source}: "
+                             f"{labels_path or 'a {prefix}_teY.npy beside a {prefix}_teX.npy'} is missing")
+        check_set(token_file[1], [labels_path])
+        tokens = tokens[classes_in_turn(np.load(labels_path), count)]
+    tokens = np.asarray(tokens[:count], dtype=np.int64)
+    if tokens.size and (tokens.max() >= n_vocab or tokens.min() < 0):
+        raise SystemExit(f"--prime {source!r}: token values must lie in 0..{n_vocab - 1}")
+    return tokens
+
+
+def classes_in_turn(labels, count):
+    """Indices of `count` images taken class by class in turn: the first image of each class (in class order),
+    then the second of each, and so on."""
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)  # rank[i]: how many images of i's class come before it
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.lexsort((labels, rank))[:count]
 
 
 def samples_layout(images):
@@ -137,7 +160,7 @@ def main(argv=None):
         prime_rows = args.prime_rows or n_px // 2
         if not 0 < prime_rows < n_px:
             raise SystemExit(f"--prime_rows must lie in 1..{n_px - 1}")
-        originals = load_prime(args.prime, palette, n_px, n_vocab, args.num_prime)
+        originals = load_prime(args.prime, palette, n_px, n_vocab, args.num_prime, args.prime_classes)
         per_image = args.num_samples or 4
         prime = torch.from_numpy(np.repeat(originals[:, :prime_rows * n_px], per_image, axis=0))
         total = len(prime)

@@ -55,6 +55,8 @@ class TrainConfig:
     out: str = "out"                # the run's folder: ckpt.pt and log.jsonl go here
     palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
     flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
+    crop: int = 0                   # augment with random crops: each image shifted up to this many pixels each
+                                    # way, its edges mirrored into the gap (0: none)
     # model
     model: str = "s"                # size preset: s, m, l, xl
     n_px: int = 0                   # image side; 0: the data's (--dry_run without data: 32)
@@ -102,7 +104,7 @@ CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloa
            "compile": SWITCH}
 ALIASES = {"ckpt": ["--init_from"], "out": ["--out_dir"]}  # the earlier spellings
 RENAMED = {"init_from": "ckpt", "out_dir": "out"}  # in the train_config of checkpoints written before
-RUN_DEFINING = ("data", "palette", "flip", "model", "n_layer", "n_embd", "n_head", "ckpt", "clf", "batch_size",
+RUN_DEFINING = ("data", "palette", "flip", "crop", "model", "n_layer", "n_embd", "n_head", "ckpt", "clf", "batch_size",
                 "seed")  # what --resume may not change: the model, the data and the order of the batches
 MICRO_BATCH = 32  # the largest micro-batch chosen when --micro_batch_size is 0
 
@@ -193,14 +195,30 @@ class Batches:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
 
-def get_micro_batch(X, indices, n_px, flip_mask, device):
-    """Tokens for these images as int64 on the device, rows reversed where flip_mask is set."""
+def get_micro_batch(X, indices, n_px, flip_mask, shifts, device):
+    """Tokens for these images as int64 on the device, rows reversed where flip_mask is set and each image moved by
+    its (down, right) shift (see crop); flip_mask and shifts may be None."""
     order = np.argsort(indices)  # sorted reads are kinder to a memory map
     x = np.empty((len(indices), X.shape[1]), dtype=np.int64)
     x[order] = X[indices[order]]
     if flip_mask is not None and flip_mask.any():
         x[flip_mask] = x[flip_mask].reshape(-1, n_px, n_px)[:, :, ::-1].reshape(-1, n_px * n_px)
+    if shifts is not None:
+        x = crop(x, n_px, shifts)
     return to_device(torch.from_numpy(x), device)
+
+
+def crop(x, n_px, shifts):
+    """Random crops of token images x [B, n_px*n_px]: image b is read from row i - shifts[b, 0] and column
+    j - shifts[b, 1], mirrored at the edges (the pixel at -1 is the one at 1), as if cut from a padded image.
+    shifts: int [B, 2], each at most n_px - 1 in size."""
+    def mirrored(shift):  # [B, n_px]: the source row (or column) of each output one
+        i = np.abs(np.arange(n_px)[None] - shift[:, None])
+        return np.where(i >= n_px, 2 * (n_px - 1) - i, i)
+    rows, cols = mirrored(shifts[:, 0]), mirrored(shifts[:, 1])
+    images = x.reshape(-1, n_px, n_px)
+    b = np.arange(len(x))[:, None, None]
+    return images[b, rows[:, :, None], cols[:, None, :]].reshape(len(x), n_px * n_px)
 
 
 def to_device(x, device):
@@ -332,7 +350,7 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
         # past the split's end a rank still runs a forward, of one image counted nowhere: under FSDP every
         # forward gathers each block's weights with the other ranks
         read = idx if len(idx) else np.arange(1)
-        x = get_micro_batch(X, read, 0, None, device)
+        x = get_micro_batch(X, read, 0, None, None, device)
         mask = to_device(fixed_mask(read, model.config), device) if model.config.bert else None
         with autocast:
             if model.clf is not None and Y is not None:
@@ -454,6 +472,17 @@ def setup_distributed(cfg):
 
 @script
 def main(argv=None):
+    """Train (or evaluate) as argv says; returns the last evaluation's figures. Float32 products on the GPU run in
+    TF32 while it runs, and as they were after: pipeline.py runs the scripts one after another in one process."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        return run(argv)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def run(argv):
+    """main's work: the run of argv's options, from its checkpoint when resuming, to its last evaluation."""
     cfg, given = parse_config(argv)
     rank, world, device = setup_distributed(cfg)
     set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -490,6 +519,8 @@ def main(argv=None):
         raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
     if cfg.n_px and cfg.n_px != n_px:
         raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
+    if not 0 <= cfg.crop < n_px:
+        raise SystemExit(f"--crop {cfg.crop}: a shift must lie in 0..{n_px - 1} for {n_px}x{n_px} images")
     palettes = [set_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
     palette = one_palette(*palettes)
     n_vocab = len(palette) if palette is not None else 512
@@ -616,7 +647,7 @@ def main(argv=None):
             "a lower --learning_rate or a smaller --grad_clip"))
 
     log(f"training on {len(X_tr)} images, {world} process(es), {accum} micro-batch(es) of {cfg.micro_batch_size} "
-        f"per step, {device}, compile={do_compile}, flips={cfg.flip}")
+        f"per step, {device}, compile={do_compile}, flips={cfg.flip}, crops={cfg.crop}")
     model.train()
     t0, steps_since, first_step = time.time(), 0, step + 1
     last_save = time.time()
@@ -628,12 +659,15 @@ def main(argv=None):
             group["lr"] = lr
         indices = batches.next()
         flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
+        shifts = (np.random.default_rng([cfg.seed, step, 2]).integers(-cfg.crop, cfg.crop + 1, (cfg.batch_size, 2))
+                  if cfg.crop else None)
         masks = training_masks(raw_model.config, cfg.seed, step, cfg.batch_size)
         loss_acc = torch.zeros((), device=device)
         for micro in range(accum):
             part = slice((micro * world + rank) * cfg.micro_batch_size,
                          (micro * world + rank + 1) * cfg.micro_batch_size)
-            x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part], device)
+            x = get_micro_batch(X_tr, indices[part], n_px, None if flips is None else flips[part],
+                                None if shifts is None else shifts[part], device)
             mask = None if masks is None else to_device(masks[part], device)
             # DDP reduces the gradients once, after the last micro-batch; FSDP after each, into the shards
             sync = micro == accum - 1 or world == 1 or cfg.fsdp

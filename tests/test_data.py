@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import data
-from data import (begin_set, check_set, download_cifar, finish_set, holdout, load_images, load_tokens, make_shapes,
-                  set_palette, to_rgb)
+from data import (SHAPE_COLOURS, SHAPES, begin_set, check_set, download_cifar, finish_set, holdout, load_images,
+                  load_tokens, make_shapes, set_palette, to_rgb)
 from fake_cifar import cifar_batch, write_cifar10
 
 
@@ -204,7 +204,7 @@ def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_pa
     marker = tmp_path / "ran"
     with open(tmp_path / "c10" / "data_batch_1", "wb") as f:
         pickle.dump({b"data": CreatesAFile(str(marker)), b"labels": [0]}, f)
-    with pytest.raises(ValueError, match=r"data_batch_1 is not a readable CIFAR file \(it asks for io\.open"):
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a readable CIFAR file \(it asks for _?io\.open"):
         load_images(str(tmp_path / "c10"), 32)
     assert not marker.exists()
 
@@ -261,6 +261,36 @@ def test_shapes_are_deterministic_balanced_and_varied():
     assert np.bincount(labels).tolist() == [4] * 10
     assert not np.array_equal(images, make_shapes(40, 16, seed=6)[0])
     assert all(len(np.unique(im.reshape(-1, 3), axis=0)) >= 2 for im in images)  # the shape shows
+
+
+def test_shape_labels_cycle_through_the_classes():
+    _, labels, classes = make_shapes(25, 8, seed=0)
+    assert classes == list(SHAPES) and labels.tolist() == list(range(10)) * 2 + list(range(5))
+
+
+def test_shapes_have_two_of_the_palette_colours_and_hard_edges():
+    images, _, _ = make_shapes(200, 16, seed=1)
+    colours = {tuple(c) for c in SHAPE_COLOURS.values()}
+    for im in images:
+        used = {tuple(c) for c in np.unique(im.reshape(-1, 3), axis=0)}
+        assert len(used) == 2 and used <= colours  # a shape and its background, no blend at the edges
+
+
+def test_every_kind_of_shape_has_the_same_mean_image():
+    images, labels, _ = make_shapes(4000, 8, seed=3)
+    mean = np.mean(list(SHAPE_COLOURS.values()), axis=0)
+    for k in range(len(SHAPES)):  # 400 images a kind: the mean is within a few of its 8-bit value by chance
+        assert np.abs(images[labels == k].mean(0) - mean).max() < 30, SHAPES[k]
+
+
+def test_shapes_lie_inside_the_image():
+    images, labels, _ = make_shapes(300, 16, seed=2)
+    for im, label in zip(images, labels):
+        if SHAPES[label] in ("stripes_h", "stripes_v", "checker"):
+            continue  # these fill the image
+        border = np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]])
+        corner = im[0, 0]
+        assert (border == corner).all(), SHAPES[label]  # all background: the whole shape is in view
 
 
 # ---- token files and the hold-out ----

@@ -8,7 +8,7 @@ import torch
 
 import pipeline
 from igpt import IGPT
-from data import load_tokens
+from data import load_tokens, make_shapes
 
 TINY = {
     "quantize": ["shapes", "--test", "shapes", "--num_images", "60", "--n_px", "4", "--k", "8"],
@@ -16,7 +16,7 @@ TINY = {
               "--max_steps", "3", "--warmup_steps", "1", "--eval_interval", "3", "--log_interval", "1"],
     "sample": ["--num_samples", "2"],
     "complete": ["--num_prime", "2", "--num_samples", "2"],
-    "probe": ["--Cs", "1"],
+    "probe": ["--Cs", "1", "--baseline"],
 }
 
 
@@ -29,7 +29,7 @@ def tiny(monkeypatch):
 def test_every_stage_runs_on_the_files_of_the_one_before(tiny, tmp_path):
     out = tmp_path / "run"
     summary = tiny("--out", out)
-    assert list(summary) == ["recipe", *pipeline.STAGES]
+    assert list(summary) == ["recipe", *pipeline.recipe_stages("tiny")]  # all but the optional finetune
     model = IGPT.from_checkpoint(out / "train" / "ckpt.pt")
     teX, _ = load_tokens(str(out / "data" / "tiny"), "te")
     with torch.no_grad():
@@ -42,7 +42,29 @@ def test_every_stage_runs_on_the_files_of_the_one_before(tiny, tmp_path):
     best = max(rows, key=lambda r: r["val_acc"])  # the layer chosen on validation, and its test accuracy
     assert (summary["probe"]["best_layer"], summary["probe"]["best_test_acc"]) == (best["layer"], best["test_acc"])
     assert summary["probe"]["test_acc_by_layer"] == {r["layer"]: r["test_acc"] for r in rows}
+    pixels = json.load(open(out / "probe" / "probe.json"))["pixels"]
+    assert summary["probe"]["pixels_test_acc"] == pixels["test_acc"]  # the baseline, beside the best layer
     assert json.load(open(out / "summary.json")) == json.loads(json.dumps(summary))
+
+
+def test_a_recipe_with_finetune_flags_fine_tunes_its_model_and_scores_it_on_the_test_split(monkeypatch, tmp_path):
+    recipe = {**TINY, "finetune": ["--batch_size", "8", "--max_steps", "2", "--warmup_steps", "1",
+                                   "--eval_split", "te", "--eval_interval", "2"]}
+    monkeypatch.setitem(pipeline.RECIPES, "tuned", recipe)
+    out = tmp_path / "run"
+    summary = pipeline.main(["--recipe", "tuned", "--device", "cpu", "--out", str(out)])
+    assert list(summary) == ["recipe", *pipeline.STAGES]
+    tuned = IGPT.from_checkpoint(out / "finetune" / "ckpt.pt")
+    assert tuned.config.n_classes == 10 and summary["finetune"]["step"] == 2  # the ten shapes
+    assert 0 <= summary["finetune"]["accuracy"] <= 1 and summary["finetune"]["te_loss"] > 0
+
+
+def test_the_finetune_stage_is_refused_for_a_recipe_without_it(tiny, tmp_path, capsys):
+    summary = tiny("--out", tmp_path / "run")
+    assert "finetune" not in summary  # not among a recipe's stages unless it gives flags
+    with pytest.raises(SystemExit):
+        tiny("--out", tmp_path / "run", "--stages", "finetune")
+    assert "the tiny recipe has no finetune stage" in capsys.readouterr().err
 
 
 def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_path):
@@ -69,11 +91,21 @@ def test_unknown_stages_are_refused(capsys):
     assert "unknown stage(s) ['trian']" in capsys.readouterr().err
 
 
+def test_the_shapes_recipe_completes_a_test_image_of_every_class():
+    argv = pipeline.stage_args("shapes", "complete", "out/s", "", False, "cpu")
+    num_prime = int(argv[argv.index("--num_prime") + 1])
+    _, labels, classes = make_shapes(num_prime, 4, seed=1)  # the first test images, as quantize.py draws them
+    assert sorted(set(labels)) == list(range(len(classes)))
+
+
+def test_the_shapes_recipe_reports_the_pixel_baseline():
+    assert "--baseline" in pipeline.stage_args("shapes", "probe", "out/s", "", False, "cpu")
+
+
 def test_the_cifar10_recipe_points_every_stage_at_the_same_run():
     argv = {s: pipeline.stage_args("cifar10", s, "out/c", "d.zip", False, "auto") for s in pipeline.STAGES}
     assert argv["quantize"][:3] == ["d.zip:train", "--test", "d.zip:test"]
     assert argv["train"][argv["train"].index("--data") + 1] == "out/c/data/cifar10"
-    for stage in ("evaluate", "sample", "complete", "probe"):
-        flag = "--ckpt" if stage == "evaluate" else "--ckpt"
-        assert argv[stage][argv[stage].index(flag) + 1] == "out/c/train/ckpt.pt"
+    for stage in ("evaluate", "sample", "complete", "probe", "finetune"):
+        assert argv[stage][argv[stage].index("--ckpt") + 1] == "out/c/train/ckpt.pt"
     assert "out/c/data/cifar10_teX.npy" in argv["complete"]

@@ -11,8 +11,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from igpt import IGPT, fixed_mask, save_checkpoint
-from probe import (accuracy, cache_dir, extract_features, fit_logistic, main, parse_layers, probe_layer, probe_layers,
-                   standardise)
+from probe import (accuracy, cache_dir, extract_features, fit_logistic, main, parse_layers, pixel_features,
+                   probe_layer, probe_layers, standardise)
 from tiny import tiny_model, tokens
 
 
@@ -161,6 +161,56 @@ def predicted_as(classes):
     return torch.eye(3)[classes][:, None]
 
 
+# ---- the baseline on the raw pixels ----
+
+def test_pixel_features_are_each_tokens_palette_colour_in_raster_order():
+    palette = np.array([[-1, -1, -1], [0, 0.5, 1], [1, -0.5, 0]], np.float32)
+    f = pixel_features(np.array([[0, 2], [1, 1]], np.uint16), palette)
+    assert f.dtype == torch.float32
+    torch.testing.assert_close(f, torch.tensor([[-1, -1, -1, 1, -0.5, 0], [0, 0.5, 1, 0, 0.5, 1]]))
+
+
+def test_the_pixel_baseline_is_the_probe_scikit_learn_fits_on_the_palette_colours(tmp_path):
+    write_data(tmp_path / "d", sizes=(90, 45, 45))
+    palette = (np.random.default_rng(1).random((16, 3)) * 2 - 1).astype(np.float32)
+    save_checkpoint(tmp_path / "m.pt", tiny_model(), palette=palette)
+    Cs = [0.001, 0.01, 1.0]
+    report = probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "1", Cs, str(tmp_path / "out"),
+                          device="cpu", tol=1e-6, baseline=True)
+    # by hand: every pixel's colour, standardised on the fitting set (ddof 1, as torch's std), one fit per C,
+    # the C best on va refitted on tr + va and scored on te
+    X = {s: palette[np.load(tmp_path / f"d_{s}X.npy").astype(np.int64)].reshape(-1, 48).astype(np.float64)
+         for s in ("tr", "va", "te")}
+    y = {s: np.load(tmp_path / f"d_{s}Y.npy") for s in ("tr", "va", "te")}
+    scaled = lambda fit, x: (x - X[fit].mean(0)) / X[fit].std(0, ddof=1)
+    fit = lambda C, x, labels: LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x, labels)
+    val_accs = [fit(C, scaled("tr", X["tr"]), y["tr"]).score(scaled("tr", X["va"]), y["va"]) for C in Cs]
+    best = Cs[int(np.argmax(val_accs))]
+    X["trva"], y["trva"] = np.concatenate([X["tr"], X["va"]]), np.concatenate([y["tr"], y["va"]])
+    test_acc = fit(best, scaled("trva", X["trva"]), y["trva"]).score(scaled("trva", X["te"]), y["te"])
+    assert len(set(val_accs)) > 1  # a case where C matters
+    pixels = report["pixels"]
+    assert pixels["val_accs"] == pytest.approx(val_accs, abs=1e-6) and pixels["C"] == best
+    assert pixels["test_acc"] == pytest.approx(test_acc, abs=1e-6)
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["pixels"] == pixels
+
+
+
+def test_concat_probes_the_named_layers_features_joined_end_to_end(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    report = probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "1", [0.1, 1.0], str(tmp_path / "out"),
+                          device="cpu", concat="1,2")
+    model = IGPT.from_checkpoint(tmp_path / "m.pt")
+    sets = []
+    for split in ("tr", "va", "te"):  # by hand: layers 1 and 2 of one forward pass, side by side
+        X, y = np.load(tmp_path / f"d_{split}X.npy"), np.load(tmp_path / f"d_{split}Y.npy")
+        f = model.features(torch.from_numpy(X.astype(np.int64)), [1, 2])  # [N, 2, n_embd]
+        sets.append((f.flatten(1), torch.from_numpy(y)))
+    assert report["concat"] == {"layers": [1, 2], **probe_layer(*sets, [0.1, 1.0], device="cpu")}
+    assert [r["layer"] for r in report["rows"]] == [1]  # the table keeps the layers asked for
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["concat"]["layers"] == [1, 2]
+
 # ---- the feature cache ----
 
 def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tmp_path, monkeypatch):
@@ -238,6 +288,20 @@ def test_cli_probes_a_bert_model_under_fixed_masks_and_votes_over_them(tmp_path)
 def test_cli_refuses_several_masks_for_an_autoregressive_model(run):
     with pytest.raises(SystemExit, match="above 1 only for a BERT model"):
         run("--bert_masks", "2")
+
+
+def test_cli_baseline_reads_the_palette_beside_the_data_and_is_drawn_dashed(run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="d_palette.npy is missing"):  # none in the tiny checkpoint or beside the data
+        run("--baseline")
+    np.save(tmp_path / "d_palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
+    run("--baseline")
+    assert "pixels" in capsys.readouterr().out
+    table = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert table["pixels"]["C"] in (0.1, 1.0) and len(table["pixels"]["val_accs"]) == 2
+    colors = {c for _, c in Image.open(tmp_path / "out" / "probe.png").getcolors(1 << 16)}
+    assert (255, 165, 0) in colors  # the baseline's line
+    run("--force")
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["pixels"] is None
 
 
 @pytest.mark.parametrize("args, message", [

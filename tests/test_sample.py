@@ -72,6 +72,25 @@ def test_completions_keep_the_primed_rows_and_the_grid_shows_kept_completions_or
         np.testing.assert_array_equal(tile(grid, r, 4), decode(originals[r:r + 1], palette())[0])
 
 
+def test_classes_in_turn_takes_the_first_of_each_class_then_the_second():
+    labels = np.array([2, 0, 0, 1, 2, 0, 1])
+    assert sample.classes_in_turn(labels, 5).tolist() == [1, 3, 0, 2, 6]
+    assert sample.classes_in_turn(labels, 10).tolist() == [1, 3, 0, 2, 6, 4, 5]  # all there are
+
+
+def test_prime_classes_completes_an_image_of_each_class_from_the_labels_beside_the_tokens(ckpt, tmp_path):
+    originals = np.random.default_rng(0).integers(0, N_VOCAB, (6, N_PX * N_PX)).astype(np.uint16)
+    np.save(tmp_path / "d_teX.npy", originals)
+    np.save(tmp_path / "d_teY.npy", np.array([0, 0, 0, 1, 1, 2]))  # sorted by class, as class folders are
+    run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--num_prime", 4, "--prime_classes", "--num_samples", 1,
+        "--prime_rows", 2, "--out", tmp_path / "c")
+    kept = np.load(tmp_path / "c" / "completions.npy")[:, :2 * N_PX]
+    np.testing.assert_array_equal(kept, originals[[0, 3, 5, 1], :2 * N_PX])
+    (tmp_path / "d_teY.npy").unlink()
+    with pytest.raises(SystemExit, match="--prime_classes needs the labels of .*d_teY.npy is missing"):
+        run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--prime_classes", "--out", tmp_path / "e")
+
+
 def test_prime_images_are_quantized_with_the_palette(ckpt, tmp_path):
     colours = np.clip(np.rint(127.5 * (palette() + 1)), 0, 255).astype(np.uint8)
     want = np.random.default_rng(1).integers(0, N_VOCAB, N_PX * N_PX)

@@ -135,7 +135,7 @@ def test_a_killed_fsdp_run_resumes_on_two_or_one_processes_with_the_losses_of_an
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert parallel.read_train_state(str(tmp_path / "cut" / "ckpt.dcp"))["step"] == 6
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_one")
-    resumed = torchrun(os.path.join(ROOT, "train.py"), "--resume", "--out", tmp_path / "cut")
+    resumed = torchrun(os.path.join(ROOT, "train.py"), "--resume", "--out", tmp_path / "cut", "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run("--resume", "--out", tmp_path / "cut_one")  # one process, the shards of two read into a group of one
     whole = evaluations(tmp_path / "whole")
@@ -145,6 +145,15 @@ def test_a_killed_fsdp_run_resumes_on_two_or_one_processes_with_the_losses_of_an
         np.testing.assert_allclose([again[k] for k in whole], [whole[k] for k in whole], rtol=1e-5)
         torch.testing.assert_close(parallel.load_weights(str(tmp_path / out / "ckpt.dcp"))["model"],
                                    load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the TF32 switches matter on a GPU only")
+def test_a_gpu_run_leaves_the_tf32_switches_as_it_found_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    argv = ["--data", write_tokens(tmp_path), *TINY, "--out", tmp_path / "out", "--max_steps", 1, "--device", "cuda",
+            "--compile", "off"]
+    train.main([str(a) for a in argv])
+    assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
 def test_activation_checkpointing_changes_no_loss(tmp_path):
@@ -580,5 +589,31 @@ def test_batches_cover_each_epoch_once_in_a_seeded_order():
 
 def test_flips_reverse_each_row_of_the_image():
     X = np.arange(2 * 9, dtype=np.uint16).reshape(2, 9)  # two 3x3 images
-    x = train.get_micro_batch(X, np.array([1, 0]), 3, np.array([True, False]), torch.device("cpu"))
+    x = train.get_micro_batch(X, np.array([1, 0]), 3, np.array([True, False]), None, torch.device("cpu"))
     assert x.tolist() == [[11, 10, 9, 14, 13, 12, 17, 16, 15], list(range(9))]
+
+
+def test_crops_shift_each_image_and_mirror_its_edges_into_the_gap():
+    X = np.arange(2 * 16, dtype=np.uint16).reshape(2, 16)  # two 4x4 images
+    shifts = np.array([[1, -2], [0, 0]])  # the first moved down one row and left two columns
+    x = train.get_micro_batch(X, np.array([0, 1]), 4, None, shifts, torch.device("cpu"))
+    image = np.arange(16).reshape(4, 4)
+    padded = np.pad(image, 3, mode="reflect")  # numpy's mirror: the pixel at -1 is the one at 1
+    expected = padded[3 - 1:3 - 1 + 4, 3 + 2:3 + 2 + 4]
+    assert x[0].reshape(4, 4).tolist() == expected.tolist() and x[1].tolist() == list(range(16, 32))
+
+
+def test_a_run_with_crops_trains_on_other_images_and_resumes_only_with_them(tmp_path):
+    prefix = write_tokens(tmp_path)
+    common = ["--data", prefix, *TINY, "--batch_size", 8, "--max_steps", 2, "--eval_interval", 2]
+    run(*common, "--out", tmp_path / "plain")
+    run(*common, "--out", tmp_path / "crops", "--crop", 1)
+    assert losses(tmp_path / "plain")[1] == losses(tmp_path / "crops")[1]  # the same start
+    assert losses(tmp_path / "plain")[2] != losses(tmp_path / "crops")[2]  # other images in step 1
+    with pytest.raises(SystemExit, match="--crop"):
+        run(*common, "--out", tmp_path / "crops", "--resume", "--crop", 0, "--max_steps", 3)
+
+
+def test_a_crop_as_large_as_the_image_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--crop 4: a shift must lie in 0..3"):
+        run("--data", write_tokens(tmp_path), *TINY, "--out", tmp_path / "out", "--crop", 4)
