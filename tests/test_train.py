@@ -150,8 +150,8 @@ def test_a_killed_fsdp_run_resumes_on_two_or_one_processes_with_the_losses_of_an
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the TF32 switches matter on a GPU only")
 def test_a_gpu_run_leaves_the_tf32_switches_as_it_found_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    argv = ["--data", write_tokens(tmp_path), *TINY, "--out", tmp_path / "out", "--max_steps", 1, "--device", "cuda",
-            "--compile", "off"]
+    argv = ["--data", write_tokens(tmp_path), *TINY, "--out", tmp_path / "out", "--batch_size", 8, "--max_steps", 1,
+            "--device", "cuda", "--compile", "off"]
     train.main([str(a) for a in argv])
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
