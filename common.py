@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import warnings
 import zlib
 
@@ -120,16 +121,37 @@ def resolve_device(name):
 
 def set_threads(n, processes=1):
     """Set PyTorch's CPU threads to n; for 0, leave $OMP_NUM_THREADS's choice if it is set, else take one for each
-    core the load average leaves idle, shared among `processes` (at least one). Threads beyond the idle cores
-    spin waiting for each other, which on a busy machine makes small models many times slower."""
+    idle core (idle_cores), shared among `processes` (at least one). Threads beyond the idle cores spin waiting for
+    each other, which on a busy machine makes small models many times slower."""
     if n < 0:
         raise ValueError(f"--threads {n}: give a number of threads, or 0 to have it chosen")
     if n == 0 and "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    idle = cores - os.getloadavg()[0]
-    torch.set_num_threads(n or max(1, round(idle / processes)))
+    torch.set_num_threads(n or max(1, round(idle_cores() / processes)))
     return torch.get_num_threads()
+
+
+def idle_cores(interval=0.1):
+    """How many of the cores this process may use are idle now: their number times the idle share of the machine's
+    CPU time over the next `interval` seconds (/proc/stat). Where there is no /proc/stat, the cores less the
+    1-minute load average, which lags: a job that just ended still counts."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        before = cpu_times()
+        time.sleep(interval)
+        spent = [b - a for a, b in zip(before, cpu_times())]
+    except OSError:
+        return cores - os.getloadavg()[0]
+    total = sum(spent)
+    return cores * (spent[3] + spent[4]) / total if total > 0 else cores  # fields 3 and 4: idle and I/O wait
+
+
+def cpu_times(path="/proc/stat"):
+    """The machine's CPU time so far in clock ticks, by kind: user, nice, system, idle, iowait, irq, softirq, steal
+    (the first line of /proc/stat)."""
+    with open(path) as f:
+        fields = f.readline().split()
+    return [int(v) for v in fields[1:9]]
 
 
 def switch(value, device):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 from common import argument_parser, atomic_write, save_grid, script, set_threads
 
 
@@ -93,11 +94,29 @@ def threads():
 
 def test_threads_default_to_the_idle_cores_shared_among_the_processes(threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    for load, processes, expected in [(0.0, 1, 8), (0.0, 2, 4), (5.6, 1, 2), (12.0, 1, 1)]:
-        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    for idle, processes, expected in [(8.0, 1, 8), (8.0, 2, 4), (2.4, 1, 2), (0.0, 1, 1)]:
+        monkeypatch.setattr(common, "idle_cores", lambda: idle)
         assert set_threads(0, processes) == expected
     assert set_threads(3) == 3
+
+
+def test_idle_cores_are_the_idle_share_of_the_cpu_time_spent_meanwhile(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    snapshots = iter([[100, 0, 50, 1000, 10, 0, 0, 0], [160, 0, 70, 1095, 15, 0, 0, 0]])  # 80 busy, 100 idle
+    monkeypatch.setattr(common, "cpu_times", lambda: next(snapshots))
+    assert common.idle_cores(interval=0) == pytest.approx(8 * 100 / 180)
+
+
+def test_without_proc_stat_idle_cores_are_the_cores_less_the_load_average(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(common, "cpu_times", lambda: (_ for _ in ()).throw(FileNotFoundError("/proc/stat")))
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.6, 0.0, 0.0))
+    assert common.idle_cores(interval=0) == pytest.approx(2.4)
+
+
+def test_cpu_times_reads_the_first_line_of_proc_stat(tmp_path):
+    (tmp_path / "stat").write_text("cpu  10 2 30 400 5 6 7 8 0 0\ncpu0 5 1 15 200 2 3 3 4 0 0\n")
+    assert common.cpu_times(str(tmp_path / "stat")) == [10, 2, 30, 400, 5, 6, 7, 8]
 
 
 def test_threads_follow_omp_num_threads_when_it_is_set(threads, monkeypatch):
