@@ -6,6 +6,7 @@ for the CIFAR-10 recipe -> finetune.
     python pipeline.py --recipe cifar10                                  # CIFAR-10 from scratch, one GPU
     python pipeline.py --recipe cifar10 --source data/cifar10-jpeg.zip   # the same from JPEGs in class folders
     python pipeline.py --recipe cifar10 --stages sample,complete --force # redo some stages of that run
+    python pipeline.py --recipe cifar10 --extra 'train=--no-flip --crop 0' --out out/no-aug   # a lever changed
 
 Each stage is the matching script run with the recipe's flags (RECIPES below; `python X.py --help` explains
 them), so every result can be reproduced stage by stage by hand. Under --out (default out/RECIPE) it writes:
@@ -20,6 +21,7 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
 """
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -76,9 +78,10 @@ def recipe_stages(recipe):
     return [s for s in STAGES if s not in OPTIONAL or s in RECIPES[recipe]]
 
 
-def stage_args(recipe, stage, out, source, force, device, threads=0):
-    """The argv of one stage's script: the recipe's flags plus the paths that tie the stages together."""
-    flags = [a.format(source=source) for a in RECIPES[recipe].get(stage, [])]
+def stage_args(recipe, stage, out, source, force, device, threads=0, extra=()):
+    """The argv of one stage's script: the recipe's flags, then `extra` ones (of a flag given twice the later
+    counts), then the paths that tie the stages together."""
+    flags = [a.format(source=source) for a in RECIPES[recipe].get(stage, [])] + list(extra)
     data, ckpt = os.path.join(out, "data", recipe), os.path.join(out, "train", "ckpt.pt")
     paths = {
         "quantize": ["--out", data],
@@ -119,8 +122,18 @@ def main(argv=None):
     p.add_argument("--stages", default="", help="comma-separated stages to run, in order, of "
                    f"{','.join(STAGES)} ('': the recipe's: all, {' and '.join(OPTIONAL)} where it gives flags)")
     add_device_options(p)
+    p.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
+                   help="flags for one stage after the recipe's, which they override: "
+                        "--extra 'train=--max_steps 3500 --no-flip' (repeatable)")
     p.add_argument("--force", action="store_true", help="let the stages overwrite their earlier outputs")
     args = p.parse_args(argv)
+    extra = {}
+    for item in args.extra:
+        stage, _, flags = item.partition("=")
+        if stage not in STAGES or not flags:
+            p.error(f"--extra {item!r}: give STAGE=FLAGS with a stage of {','.join(STAGES)}, e.g. "
+                    "--extra 'train=--max_steps 3500'")
+        extra[stage] = extra.get(stage, []) + shlex.split(flags)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] or recipe_stages(args.recipe)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -142,7 +155,8 @@ def main(argv=None):
         raise SystemExit(f"{summary_path} is not a summary ({summary}): move it away, or choose another --out")
     summary["recipe"] = args.recipe
     for stage in stages:
-        argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device, args.threads)
+        argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device, args.threads,
+                                extra.get(stage, ()))
         print(f"== {stage}: python {SCRIPTS[stage].__name__}.py {' '.join(argv_stage)}", flush=True)
         t0 = time.time()
         result = SCRIPTS[stage].main(argv_stage)

@@ -67,6 +67,22 @@ def test_the_finetune_stage_is_refused_for_a_recipe_without_it(tiny, tmp_path, c
     assert "the tiny recipe has no finetune stage" in capsys.readouterr().err
 
 
+def test_extra_flags_come_after_the_recipes_and_override_them(tiny, tmp_path):
+    summary = tiny("--out", tmp_path / "run", "--stages", "quantize,train", "--extra", "train=--max_steps 2",
+                   "--extra", "train=--warmup_steps 2")
+    assert summary["train"]["step"] == 2  # the recipe's --max_steps 3, then 2
+    argv = summary["train"]["argv"]
+    values = lambda flag: [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+    assert values("--max_steps") == ["3", "2"] and values("--warmup_steps") == ["1", "2"]
+    assert argv.index("--warmup_steps", argv.index("--warmup_steps") + 1) < argv.index("--data")  # paths last
+
+
+def test_extra_flags_for_no_stage_are_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tiny("--out", tmp_path / "run", "--extra", "training=--max_steps 2")
+    assert "--extra 'training=--max_steps 2': give STAGE=FLAGS" in capsys.readouterr().err
+
+
 def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_path):
     out = tmp_path / "run"
     first = tiny("--out", out)
