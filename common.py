@@ -101,6 +101,21 @@ def add_device_options(parser, compile_what=None):
                             help=f"torch.compile {compile_what} (auto: on a GPU)")
 
 
+def add_generation_options(parser):
+    """The options of the scripts that generate (sample.py, demo.py): add_device_options with --compile for the
+    one-token step, --dtype of the weights and cache, and --fast for the engine's fused step."""
+    add_device_options(parser, compile_what="the one-token step")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="weights and cache on a GPU (the CPU runs float32)")
+    parser.add_argument("--fast", default="auto", choices=SWITCH, help="the fused decode step of engine.py (auto: on "
+                        "a GPU; off: the plain igpt.generate)")
+
+
+def generation_dtype(name, device):
+    """The torch dtype a --dtype of add_generation_options means on device: float32 on the CPU whatever it says."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" and name == "bfloat16" else torch.float32
+
+
 def resolve_device(name):
     """A --device value as a torch.device; a GPU that is not there, or a name that is no device, is a ValueError
     that says what to pass instead."""

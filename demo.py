@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import SWITCH, add_device_options, argument_parser, grid_image, log, resolve_device, switch
+from common import (add_generation_options, argument_parser, generation_dtype, grid_image, log, resolve_device,
+                    switch)
 from data import load_tokens, to_rgb
 from engine import Engine
 from igpt import IGPT, IGPTConfig, load_checkpoint
@@ -309,11 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     p.add_argument("--max_images", type=int, default=16, help="the most completions or samples one request draws")
-    add_device_options(p, compile_what="the one-token step")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="weights and cache on a GPU (the CPU runs float32)")
-    p.add_argument("--fast", default="auto", choices=SWITCH, help="the fused decode step of engine.py (auto: on a GPU; "
-                   "off: the plain igpt.generate)")
+    add_generation_options(p)
     args = p.parse_args(argv)
     if args.max_images < 1:
         p.error("--max_images must be at least 1")
@@ -335,7 +332,7 @@ def main(argv=None):
     else:
         test_tokens = np.zeros((0, model.config.block_size), np.int64)
         log("no test images to pick from: give token files with --data")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
+    dtype = generation_dtype(args.dtype, device)
     model = model.to(device=device, dtype=dtype).eval()
     try:
         engine = Engine(model, fast={"auto": "auto", "on": True, "off": False}[args.fast],

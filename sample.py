@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from common import SWITCH, add_device_options, argument_parser, resolve_device, save_grid, script, set_threads, switch
+from common import (add_generation_options, argument_parser, generation_dtype, resolve_device, save_grid, script,
+                    set_threads, switch)
 from data import TOKEN_FILE, check_set, load_images, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
@@ -45,11 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest colours only (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set holding p (1: all)")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise of every draw")
-    add_device_options(p, compile_what="the one-token step")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="weights and cache on a GPU (the CPU runs float32)")
-    p.add_argument("--fast", default="auto", choices=SWITCH, help="the fused decode step of engine.py (auto: on a GPU; "
-                   "off: the plain igpt.generate)")
+    add_generation_options(p)
     p.add_argument("--scale", type=int, default=4, help="pixel size of the grid images")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = p.parse_args(argv)
@@ -150,7 +147,7 @@ def main(argv=None):
     if palette.shape != (n_vocab, 3):
         raise SystemExit(f"the palette has shape {list(palette.shape)} but the model needs [{n_vocab}, 3]")
 
-    dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
+    dtype = generation_dtype(args.dtype, device)
     model = model.to(device=device, dtype=dtype).eval()
     compile_step = switch(args.compile, device)
     fast = {"auto": "auto", "on": True, "off": False}[args.fast]
