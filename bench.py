@@ -5,8 +5,8 @@ Benchmarks. Each is a function registered with @benchmark; run them on a GPU:
     python bench.py all --out results          # every one, each kept as results/NAME_DEVICE.json
 
 Every benchmark prints its figures and returns them as a dict; with --out each lands in OUT/NAME_DEVICE.json
-(e.g. results/sample_h200.json, results/ddp_scaling_s_8xh200.json) as soon as it finishes. Timings are wall-clock with the GPU synchronised around
-each run, after warm-up; medians are reported.
+(e.g. results/sample_h200.json, results/ddp_scaling_s_8xh200.json) as soon as it finishes. Timings are
+wall-clock with the GPU synchronised around each run, after warm-up; medians are reported.
 
 The training benchmarks of parallel.py and of many GPUs (memory_*, ddp_scaling_*, fsdp_*, multi_gpu_resume) run
 train.py itself, under `torch.distributed.run --standalone --nproc_per_node=N`, with NVLink multicast off in

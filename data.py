@@ -92,8 +92,8 @@ def _read_files(task):
     with zipfile.ZipFile(zip_path) if zip_path else contextlib.nullcontext() as zf:
         for i, name in enumerate(names):
             try:
-                if zf and zf.getinfo(name).file_size > MAX_MEMBER_BYTES:  # checked before anything is unpacked
-                    raise ValueError(f"it unpacks to {zf.getinfo(name).file_size} bytes, more than "
+                if zf and (size := zf.getinfo(name).file_size) > MAX_MEMBER_BYTES:  # checked before unpacking
+                    raise ValueError(f"it unpacks to {size} bytes, more than "
                                      f"MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES}")
                 with Image.open(io.BytesIO(zf.read(name)) if zf else name) as image:
                     out[i] = to_rgb(ImageOps.exif_transpose(image), n_px)
@@ -351,10 +351,12 @@ def download_cifar(name, root, url=None, md5=None, progress=True):
         return target
     os.makedirs(root, exist_ok=True)
     archive = os.path.join(root, url.rsplit("/", 1)[-1])
-    if os.path.isfile(archive) and _md5(archive) != md5:
+    got = _md5(archive) if os.path.isfile(archive) else None
+    if got not in (None, md5):
         os.remove(archive)  # a bad copy from before: fetch it again
+        got = None
     fetch(url, archive, progress=progress)
-    got = _md5(archive)
+    got = got or _md5(archive)
     if got != md5:
         os.remove(archive)
         raise ValueError(f"{url}: md5 {got} is not the expected {md5}; the download was corrupt or is not "
@@ -456,9 +458,8 @@ def load_tokens(prefix, split):
     Ours and the original release's alike; files of a set quantize.py wrote are checked against its manifest."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    if TOKEN_FILE.fullmatch(os.fspath(prefix)):
-        raise ValueError(f"{prefix!r} is a token file; give the prefix of the files instead: "
-                         f"{TOKEN_FILE.fullmatch(os.fspath(prefix))[1]!r}")
+    if token_file := TOKEN_FILE.fullmatch(os.fspath(prefix)):
+        raise ValueError(f"{prefix!r} is a token file; give the prefix of the files instead: {token_file[1]!r}")
     x_path, y_path = f"{prefix}_{split}X.npy", f"{prefix}_{split}Y.npy"
     if not os.path.isfile(x_path):
         inside = sorted(f[:-8] for f in os.listdir(prefix) if f.endswith("_trX.npy")) if os.path.isdir(prefix) else []

@@ -371,8 +371,8 @@ def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None)
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -float("inf"))
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
     return torch.argmax(logits + gumbel, dim=-1)

@@ -140,7 +140,8 @@ def main(argv=None):
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     missing = [s for s in stages if s in OPTIONAL and s not in RECIPES[args.recipe]]
     if missing:
-        p.error(f"the {args.recipe} recipe has no {missing[0]} stage; its stages: {','.join(recipe_stages(args.recipe))}")
+        p.error(f"the {args.recipe} recipe has no {missing[0]} stage; its stages: "
+                f"{','.join(recipe_stages(args.recipe))}")
     needs_source = "quantize" in stages and any("{source}" in a for a in RECIPES[args.recipe]["quantize"])
     if needs_source and args.source not in CIFAR and not os.path.exists(args.source):
         p.error(f"--source {args.source!r} does not exist: the {args.recipe} recipe reads its images from it "

@@ -56,15 +56,16 @@ from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
 from common import (add_device_options, argument_parser, atomic_write, default_device, resolve_device, script,
                     set_threads, switch)
-from data import load_tokens, save_npy, set_palette
+from data import SPLITS, load_tokens, save_npy, set_palette
 from palette import one_palette
 
-SPLITS = ("tr", "va", "te")
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
 
 
 def parse_layers(spec, n_layer):
-    """Layer numbers (1 = after the first block) from "all", "16", "8,12,16" or "10-20"."""
+    """Layer numbers (1 = after the first block) from "all", "16", "8,12,16" or "10-20", or a list of them."""
+    if not isinstance(spec, str):
+        spec = ",".join(map(str, spec))
     if spec == "all":
         return list(range(1, n_layer + 1))
     layers = []
@@ -166,7 +167,7 @@ def cache_dir(ckpt, data, out_dir):
     path, size and modification time and of the data files', so features of another model, another version
     of the file or other data are never read. A meta.json inside says what it holds."""
     files = [ckpt] + [f"{data}_{split}X.npy" for split in SPLITS]
-    ident = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else None for f in files}
+    ident = {f: [(st := os.stat(f)).st_size, st.st_mtime_ns] if os.path.exists(f) else None for f in files}
     ident = {"ckpt": os.path.abspath(ckpt), "data": os.path.abspath(data), "files": ident}
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(out_dir, "features", key)
@@ -310,15 +311,14 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     if baseline and palette is None:
         raise FileNotFoundError(f"the pixel baseline needs the palette the tokens index: {ckpt} holds none "
                                 f"and {data}_palette.npy is missing")
-    spec = lambda ls: ls if isinstance(ls, str) else ",".join(map(str, ls))
-    layers = parse_layers(spec(layers), model.config.n_layer)
-    joined = parse_layers(spec(concat), model.config.n_layer) if concat else []
+    layers = parse_layers(layers, model.config.n_layer)
+    joined = parse_layers(concat, model.config.n_layer) if concat else []
     Cs = sorted(float(c) for c in (Cs.split(",") if isinstance(Cs, str) else Cs))
     if not Cs or Cs[0] <= 0:
         raise ValueError(f"C values must be positive, got {Cs}")
     splits = {split: load_split(data, split) for split in SPLITS}
     folder = cache_dir(ckpt, data, out)
-    compile = device.startswith("cuda") if compile is None else compile
+    compile = switch("auto", device) if compile is None else compile
     paths = {split: cached_features(model, X, split, sorted({*layers, *joined}), folder,
                                     1 if split == "tr" else bert_masks,
                                     batch_size=batch_size, device=device, compile=compile)

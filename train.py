@@ -182,12 +182,14 @@ class Batches:
         if n < batch_size:
             raise SystemExit(f"the training split has {n} images, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed, self.epoch, self.cursor = n, batch_size, seed, epoch, cursor
+        self._order = (None, None)  # (epoch, its permutation): drawn once an epoch
 
     def next(self):
         if self.cursor + self.batch_size > self.n:
             self.epoch, self.cursor = self.epoch + 1, 0
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        batch = perm[self.cursor:self.cursor + self.batch_size]
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+        batch = self._order[1][self.cursor:self.cursor + self.batch_size]
         self.cursor += self.batch_size
         return batch
 
@@ -355,7 +357,7 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
         with autocast:
             if model.clf is not None and Y is not None:
                 clf_logits, loss = model.classify(x, mask)
-                y = torch.as_tensor(np.asarray(Y[idx]), device=device)
+                y = to_device(torch.from_numpy(np.asarray(Y[idx])), device)
                 loss_sum[1] += (clf_logits[:len(idx)].argmax(-1) == y).sum()
             else:
                 loss = model(x, mask=mask)[1]
@@ -659,7 +661,7 @@ def run(argv):
             group["lr"] = lr
         indices = batches.next()
         flips = np.random.default_rng([cfg.seed, step, 1]).random(cfg.batch_size) < 0.5 if cfg.flip else None
-        shifts = (np.random.default_rng([cfg.seed, step, 2]).integers(-cfg.crop, cfg.crop + 1, (cfg.batch_size, 2))
+        shifts = (np.random.default_rng([cfg.seed, step, 3]).integers(-cfg.crop, cfg.crop + 1, (cfg.batch_size, 2))
                   if cfg.crop else None)
         masks = training_masks(raw_model.config, cfg.seed, step, cfg.batch_size)
         loss_acc = torch.zeros((), device=device)
@@ -673,7 +675,7 @@ def run(argv):
             sync = micro == accum - 1 or world == 1 or cfg.fsdp
             with (nullcontext() if sync else model.no_sync()), autocast:
                 if cfg.clf:
-                    loss = model(x, torch.as_tensor(np.asarray(Y_tr[indices[part]]), device=device), mask)
+                    loss = model(x, to_device(torch.from_numpy(np.asarray(Y_tr[indices[part]])), device), mask)
                 else:
                     loss = model(x, mask=mask)[1]
                 (loss / accum).backward()
