@@ -330,9 +330,8 @@ def main(argv=None):
         model = hf_to_igpt(args.hf)
         palette = model.palette if palette is None else palette
     elif args.from_dcp:
-        sharded = parallel.load_weights(args.from_dcp)
-        model = IGPT.from_state_dict(IGPTConfig(**sharded["config"]), sharded["model"])
-        palette = sharded.get("palette") if palette is None else palette
+        model = IGPT.from_saved(parallel.load_weights(args.from_dcp), args.from_dcp)
+        palette = model.palette if palette is None else palette
     else:
         model = tf_to_igpt(TFCheckpoint(args.checkpoint))
     if model.config.bert:

@@ -32,8 +32,8 @@ from common import (add_generation_options, argument_parser, generation_dtype, g
                     switch)
 from data import load_tokens, to_rgb
 from engine import Engine
-from igpt import IGPT, IGPTConfig, load_checkpoint
-from palette import decode, encode, load_palette
+from igpt import IGPT
+from palette import decode, encode, model_palette
 from sample import completions_layout, kept_rows, samples_layout
 
 MAIN_JOB_CKPT = os.path.join("out", "shapes", "train", "ckpt.pt")  # what `python pipeline.py` trains
@@ -182,18 +182,10 @@ def load_model(path, palette_path=""):
         raise SystemExit(f"demo.py: no checkpoint at {path}: train the main job's model with `python pipeline.py` "
                          "(a few minutes on a CPU), or give one with --ckpt")
     try:
-        ckpt = load_checkpoint(path)
-        model = IGPT.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
-        palette = load_palette(palette_path) if palette_path else ckpt.get("palette")
+        model = IGPT.from_checkpoint(path)
+        return model, model_palette(model, palette_path, path), model.train_config
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"demo.py: {e}") from None
-    if palette is None:
-        raise SystemExit(f"demo.py: {path} holds no palette: give one with --palette kmeans_centers.npy")
-    palette = np.asarray(palette, np.float32)
-    if palette.shape != (model.config.n_vocab, 3):
-        raise SystemExit(f"demo.py: the palette has shape {list(palette.shape)} but the model needs "
-                         f"[{model.config.n_vocab}, 3]")
-    return model, palette, ckpt.get("train_config") or {}
 
 
 def load_test_images(prefix, model, count=GALLERY):

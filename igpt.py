@@ -292,14 +292,20 @@ class IGPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """Load a model saved by save_checkpoint (or train.py). The palette, when the file has one, is set as
-        `model.palette` (float32 [n_vocab, 3] in [-1, 1]), else None."""
-        ckpt = load_checkpoint(path, map_location)
+        """Load a model saved by save_checkpoint (or train.py): from_saved of its contents."""
+        return cls.from_saved(load_checkpoint(path, map_location), path)
+
+    @classmethod
+    def from_saved(cls, ckpt, name):
+        """The model of a loaded checkpoint {"config", "model", and optionally "palette", "train_config"} (name:
+        where it came from, for errors). The palette is set as `model.palette` (float32 [n_vocab, 3] in [-1, 1], or
+        None) and the options it was trained with as `model.train_config` (a dict, empty when unknown)."""
         try:
             model = cls.from_state_dict(IGPTConfig(**ckpt["config"]), ckpt["model"])
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{name}: {e}") from None
         model.palette = ckpt.get("palette")
+        model.train_config = ckpt.get("train_config") or {}
         return model
 
     @classmethod

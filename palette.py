@@ -235,6 +235,18 @@ def one_palette(*named, n_vocab=None):
     return given[0][1] if given else None
 
 
+def model_palette(model, path="", name="the checkpoint"):
+    """The palette to draw a model's tokens with: the file at path when given, else model.palette (from name), as
+    float32 [n_vocab, 3]; a ValueError says what to give when there is none or it does not fit the model."""
+    palette = load_palette(path) if path else model.palette
+    if palette is None:
+        raise ValueError(f"{name} holds no palette: give one with --palette kmeans_centers.npy")
+    palette = np.asarray(palette, dtype=np.float32)
+    if palette.shape != (model.config.n_vocab, 3):
+        raise ValueError(f"the palette has shape {list(palette.shape)} but the model needs [{model.config.n_vocab}, 3]")
+    return palette
+
+
 def find_palette(prefix):
     """The palette for token files `prefix`: {prefix}_palette.npy, else kmeans_centers.npy beside them, else None."""
     for path in (f"{prefix}_palette.npy", os.path.join(os.path.dirname(prefix), "kmeans_centers.npy")):

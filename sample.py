@@ -25,7 +25,7 @@ from common import (add_generation_options, argument_parser, generation_dtype, r
 from data import TOKEN_FILE, check_set, load_images, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
-from palette import decode, encode, load_palette, one_palette
+from palette import decode, encode, model_palette, one_palette
 
 
 def parse_args(argv=None):
@@ -139,13 +139,8 @@ def main(argv=None):
         raise SystemExit(f"sample.py: {args.ckpt} is a BERT model, which cannot sample: it predicts masked pixels "
                          "from the rest of an image and has no order to generate one in. Sample from an "
                          "autoregressive checkpoint")
-    palette = load_palette(args.palette) if args.palette else model.palette
-    if palette is None:
-        raise SystemExit(f"{args.ckpt} holds no palette: give one with --palette kmeans_centers.npy")
-    palette = np.asarray(palette, dtype=np.float32)
+    palette = model_palette(model, args.palette, args.ckpt)
     n_px, n_vocab = model.config.n_px, model.config.n_vocab
-    if palette.shape != (n_vocab, 3):
-        raise SystemExit(f"the palette has shape {list(palette.shape)} but the model needs [{n_vocab}, 3]")
 
     dtype = generation_dtype(args.dtype, device)
     model = model.to(device=device, dtype=dtype).eval()
