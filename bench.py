@@ -23,6 +23,7 @@ import functools
 import glob
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -44,6 +45,11 @@ def benchmark(fn):
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _small():
+    """IGPT_BENCH_SMALL=1: the benchmarks' CPU smoke runs, on shrunk models and data."""
+    return os.environ.get("IGPT_BENCH_SMALL") == "1"
 
 
 def timeit(fn, warmup=1, repeat=5):
@@ -72,7 +78,6 @@ def device_name():
 def device_slug(gpus=1):
     """A short name for result files: the GPU's model ("NVIDIA H200" -> h200), with their number when a benchmark
     used several (8xh200), or cpu."""
-    import re
     if not torch.cuda.is_available():
         return "cpu"
     name = device_name().replace("NVIDIA", "")
@@ -131,8 +136,6 @@ def cifar_images():
     """The 60,000 CIFAR-10 images of the JPEG zip at $IGPT_CIFAR_ZIP (its train/ and test/ folders); without it,
     60,000 of uniformly random pixels, a worst case in which nearly every colour of the cube occurs.
     $IGPT_BENCH_IMAGES keeps only that many (for a quick run on the CPU)."""
-    import os
-
     import numpy as np
 
     from data import load_images
@@ -202,7 +205,7 @@ def probe_features():
     from igpt import IGPT, IGPTConfig
     from probe import extract_features
     from common import default_device
-    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    small = _small()
     torch.manual_seed(0)
     config = IGPTConfig.preset("s", **(dict(n_layer=2, n_px=8) if small else {}))
     model = IGPT(config)  # every block's weights are random normal; features never read the zero-initialised head
@@ -248,7 +251,10 @@ def linear_gelu():
     candidates = {"linear_gelu": kernels.linear_gelu, "cublas_then_activation": unfused, "cublas_product_only": F.linear}
     for name, fn in candidates.items():
         rel = relative_error(fn(x, w), ref) if name != "cublas_product_only" else None
-        out[name] = {"ms": timeit(lambda: [fn(x, w) for _ in range(50)], warmup=2, repeat=5) / 50 * 1e3,
+        def fifty_calls():  # each output dropped as the next is made: one lives at a time, as in a forward
+            for _ in range(50):
+                fn(x, w)
+        out[name] = {"ms": timeit(fifty_calls, warmup=2, repeat=5) / 50 * 1e3,
                      "relative_error_fp32": rel}
         print(f"{name}: {out[name]['ms']:.3f} ms" + (f", relative error to fp32 {rel:.1e}" if rel else ""),
               flush=True)
@@ -263,7 +269,7 @@ def probe_fit():
     from sklearn.linear_model import LogisticRegression
     from probe import accuracy, fit_logistic, standardise
     from common import default_device
-    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    small = _small()
     n, d, k, C = (5_000, 64, 10, 0.01) if small else (50_000, 512, 10, 0.01)
     g = torch.Generator().manual_seed(0)
     means, mix = torch.randn(k, d, generator=g) * 2.6 / d ** 0.5, torch.randn(16, d, generator=g)
@@ -289,8 +295,6 @@ def probe_fit():
             "sklearn_test_acc": sk_acc, "speedup": sk_s / ours_s}
 
 
-# ---- train.py: training throughput and MFU ----
-
 # ---- igpt.py's checkpoint format: what its checks cost ----
 
 @benchmark
@@ -303,7 +307,7 @@ def checkpoint():
 
     import igpt
     from common import atomic_write
-    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    small = _small()
     model = igpt.IGPT(igpt.IGPTConfig.preset("s", **({"n_layer": 2} if small else {})))
     optimizer = model.configure_optimizers(1e-3)
     model(torch.randint(0, 512, (1, 1024)))[1].backward()
@@ -321,6 +325,8 @@ def checkpoint():
           f"checksums; load {out['load_plain_s']:.2f} s plain, {out['load_checked_s']:.2f} s verified", flush=True)
     return out
 
+
+# ---- train.py: training throughput and MFU ----
 
 def _random_token_files(folder, n_images, n_px=32, n_vocab=512):
     import numpy as np
@@ -341,7 +347,7 @@ def _train_py_throughput(size, micro_batch_size, batch_size, steps=60, n_px=32, 
         train.main(["--data", prefix, "--out", out, "--model", size, "--batch_size", str(batch_size),
                     "--micro_batch_size", str(micro_batch_size), "--max_steps", str(steps), "--warmup_steps", "10",
                     "--log_interval", "10", "--eval_interval", str(10 * steps), "--eval_images", "64", *extra])
-        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        records = _log_records(out)
     timed = [r for r in records if "images_per_s" in r and r["step"] > 20]  # skip compile and warm-up
     mfu = statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None
     return statistics.median(r["images_per_s"] for r in timed), mfu
@@ -395,7 +401,7 @@ def train_bert():
     """train.py's images/s and MFU for iGPT-S with the BERT objective beside the autoregressive one, in one run
     with the same settings. The MFU counts each objective's attention (igpt.IGPT.flops_per_token): bidirectional
     attention does about twice the causal one's work. IGPT_BENCH_SMALL=1: 2 layers, 8x8 images, on the CPU."""
-    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    small = _small()
     n_px, depth = (8, ["--n_layer", "2"]) if small else (32, [])
     micro, batch, steps = (16, 16, 30) if small else (64, 128, 60)
     out = {}
@@ -413,10 +419,6 @@ def train_bert():
 # ---- parallel.py: past one GPU's memory ----
 
 SMALL_SIZES = dict(n_layer=2, n_embd=64, n_head=4)  # the presets shrunk for IGPT_BENCH_SMALL=1's smoke runs
-
-
-def _small():
-    return os.environ.get("IGPT_BENCH_SMALL") == "1"
 
 
 def _small_flags():
@@ -598,7 +600,7 @@ def multi_gpu(fn):
     IGPT_BENCH_SMALL=1's smoke run (CPU processes, gloo); elsewhere it says why not and gives no figures (None)."""
     @functools.wraps(fn)
     def run():
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count()
         if gpus < 2 and not (gpus == 0 and _small()):
             print(f"{fn.__name__} needs 2 GPUs or more and this host has {gpus}"
                   + ("" if gpus else " (IGPT_BENCH_SMALL=1 runs it on CPU processes)"), flush=True)
@@ -913,7 +915,7 @@ def demo():
     from engine import Engine
     from igpt import IGPT, IGPTConfig
     from palette import decode
-    small = os.environ.get("IGPT_BENCH_SMALL") == "1"
+    small = _small()
     device = default_device()
     torch.manual_seed(0)
     model = IGPT(IGPTConfig.preset("s", **(dict(n_layer=2, n_px=8) if small else {})))
