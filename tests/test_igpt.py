@@ -40,10 +40,11 @@ def reference_logits(model, x, mask=None):
 
 
 def test_presets_have_the_released_sizes():
-    counts = {name: IGPT(IGPTConfig.preset(name, n_layer=1)).config for name in "sml"}
-    assert (counts["s"].n_embd, counts["s"].n_head) == (512, 8)
+    s = IGPTConfig.preset("s")
+    assert (s.n_embd, s.n_head) == (512, 8)
     assert IGPTConfig.preset("m").n_layer == 36 and IGPTConfig.preset("l").n_head == 16
-    n_s = IGPT(IGPTConfig.preset("s")).get_num_params()
+    with torch.device("meta"):  # shapes alone: no weights to draw
+        n_s = IGPT(s).get_num_params()
     assert 75e6 < n_s < 78e6  # "76M"
 
 
@@ -269,7 +270,8 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
 
 def test_mfu_counts_six_flops_per_parameter_plus_the_attention_under_the_causal_mask():
-    model = IGPT(IGPTConfig.preset("s"))
+    with torch.device("meta"):
+        model = IGPT(IGPTConfig.preset("s"))
     n = model.get_num_params()
     per_image = (6 * n + 12 * 24 * 512 * 1025 / 2) * 1024  # position i attends to i + 1 keys: 1025/2 on average
     assert model.estimate_mfu(576) == pytest.approx(per_image * 576 / 989e12)
@@ -314,7 +316,7 @@ def test_bert_attention_is_bidirectional():
     y = x.clone()
     y[:, 9] = (y[:, 9] + 1) % 16
     before, after = model(x, mask=mask)[0], model(y, mask=mask)[0]
-    assert not torch.allclose(before[:, :9], after[:, :9], atol=1e-4)  # every earlier position sees the change
+    assert ((before[:, :9] - after[:, :9]).abs().amax(-1) > 1e-4).all()  # every earlier position sees the change
 
 
 def test_a_masked_positions_own_token_reaches_no_logit():
@@ -353,7 +355,7 @@ def test_without_a_mask_one_is_drawn_with_bert_mask_prob():
     torch.manual_seed(3)
     mask = torch.rand(x.shape) < 0.25
     torch.testing.assert_close(drawn, model(x, mask=mask)[0])
-    assert abs(mask.float().mean().item() - 0.25) < 0.01
+    assert abs(mask.float().mean().item() - 0.25) < 0.01  # the draw the model's equals holds bert_mask_prob
 
 
 def test_a_mask_is_refused_for_an_autoregressive_model_and_must_fit_the_tokens():
@@ -392,7 +394,8 @@ def test_a_bert_model_cannot_generate():
 
 
 def test_mfu_of_bert_counts_attention_to_every_position():
-    model = IGPT(IGPTConfig.preset("s", bert=True))
+    with torch.device("meta"):
+        model = IGPT(IGPTConfig.preset("s", bert=True))
     per_image = (6 * model.get_num_params() + 12 * 24 * 512 * 1024) * 1024
     assert model.estimate_mfu(576) == pytest.approx(per_image * 576 / 989e12)
 

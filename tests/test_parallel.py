@@ -7,6 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+import igpt
 import parallel
 from igpt import IGPTConfig
 from tiny import TINY, tiny_model, tokens
@@ -28,6 +29,17 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_their_nam
     assert loss_ac == pytest.approx(loss, rel=1e-6)
     for name, g in grads_ac.items():
         torch.testing.assert_close(g, grads[name.replace("_checkpoint_wrapped_module.", "")], rtol=1e-6, atol=1e-7)
+
+
+def test_checkpointed_blocks_run_their_forward_again_in_the_backward(monkeypatch):
+    calls, block_forward = [], igpt.Block.forward
+    monkeypatch.setattr(igpt.Block, "forward", lambda self, *a, **k: calls.append(1) or block_forward(self, *a, **k))
+    plain, checkpointed = tiny_model().train(), tiny_model().train()
+    parallel.checkpoint_blocks(checkpointed)
+    grads_and_loss(plain, tokens())
+    assert len(calls) == plain.config.n_layer  # each block once
+    grads_and_loss(checkpointed, tokens())
+    assert len(calls) == 3 * plain.config.n_layer  # each block in the forward, and again in the backward
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU autocast keeps the norm in bf16

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import igpt
 import parallel
 import quantize
 import train
@@ -156,12 +157,16 @@ def test_a_gpu_run_leaves_the_tf32_switches_as_it_found_them(tmp_path, monkeypat
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
-def test_activation_checkpointing_changes_no_loss(tmp_path):
+def test_activation_checkpointing_changes_no_loss_and_runs_each_block_again_in_the_backward(tmp_path, monkeypatch):
     prefix = write_tokens(tmp_path)
     common = ["--data", prefix, *TINY, "--batch_size", 8, "--micro_batch_size", 4, "--max_steps", 4,
               "--eval_interval", 2]
+    calls, block_forward = [], igpt.Block.forward
+    monkeypatch.setattr(igpt.Block, "forward", lambda self, *a, **k: calls.append(1) or block_forward(self, *a, **k))
     run(*common, "--out", tmp_path / "plain")
+    plain_calls = len(calls)
     run(*common, "--activation_checkpointing", "--out", tmp_path / "recomputed")
+    assert len(calls) - plain_calls == plain_calls + 4 * 2 * 2  # once more for each of 4 steps x 2 micro x 2 blocks
     plain, recomputed = evaluations(tmp_path / "plain"), evaluations(tmp_path / "recomputed")
     assert plain.keys() == recomputed.keys()
     np.testing.assert_allclose([recomputed[k] for k in plain], [plain[k] for k in plain], rtol=1e-6)
@@ -305,6 +310,7 @@ def test_training_masks_are_drawn_from_the_seed_and_step_at_the_masking_rate():
     assert masks.shape == (300, 64) and masks.dtype == torch.bool
     assert torch.equal(masks, train.training_masks(config, 1, 5, 300))
     assert not torch.equal(masks, train.training_masks(config, 1, 6, 300))
+    assert torch.equal(masks, torch.from_numpy(np.random.default_rng([1, 5, 2]).random((300, 64)) < 0.2))
     assert abs(masks.float().mean().item() - 0.2) < 0.01
     assert train.training_masks(IGPTConfig(n_px=8), 1, 5, 300) is None
 
