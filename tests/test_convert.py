@@ -2,6 +2,7 @@
 downloading. The TF fixture is tf_fixtures'."""
 import http.server
 import io
+import re
 import threading
 
 import numpy as np
@@ -108,11 +109,17 @@ def test_cli_argument_errors_name_the_fix(args, message, capsys):
 def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for option in ("--out", "--palette", "--force", "--download", "--bert", "--step", "--dir", "--dataset",
-                   "--base_url", "--hf", "--to_hf", "--from_dcp"):
-        assert option in text
-    assert "(default: 1000000)" in text and f"(default: {convert.BASE_URL})" in text
+    text = capsys.readouterr().out
+    # one entry an option, read below "options:" (the description above names several options too)
+    defaults = {}
+    for entry in re.split(r"\n  (?=-)", text[text.index("options:"):])[1:]:
+        entry = " ".join(entry.split())
+        if not entry.startswith("-h"):
+            defaults[entry.split()[0]] = re.search(r"\(default: (.*)\)$", entry)[1]
+    assert set(defaults) == {"--out", "--palette", "--force", "--download", "--bert", "--step", "--dir", "--dataset",
+                             "--base_url", "--hf", "--to_hf", "--ckpt", "--from_dcp"}
+    assert defaults["--step"] == "1000000" and defaults["--base_url"] == convert.BASE_URL
+    assert defaults["--dir"] == "release"
 
 
 # ---- Hugging Face ----

@@ -10,7 +10,7 @@ import data
 import quantize
 from data import holdout, load_tokens, make_shapes
 from igpt import save_checkpoint
-from palette import decode, encode, find_palette, load_palette
+from palette import decode, encode, find_palette, fit_palette, load_palette
 from tiny import tiny_model
 
 
@@ -27,12 +27,15 @@ def test_cli_on_shapes_writes_every_file(tmp_path, capsys):
     assert trX.dtype == np.uint16 and trX.shape == (45, 64) and vaX.shape == (5, 64) and teX.shape == (10, 64)
     assert trY.dtype == np.int64 and len(trY) == 45 and len(vaY) == 5 and len(teY) == 10
     palette = load_palette(find_palette(out))
-    assert palette.shape == (16, 3)
     images, labels, _ = make_shapes(50, 8, seed=0)
     tr, va = holdout(50, 0.1, seed=0)
+    # the palette is fitted on the training split alone, with the default iterations and seed
+    np.testing.assert_array_equal(palette, fit_palette(images[tr], 16, 100, 0, "cpu", progress=False))
     np.testing.assert_array_equal(trX, encode(images[tr], palette, device="cpu"))
+    np.testing.assert_array_equal(trY, labels[tr])
     np.testing.assert_array_equal(vaY, labels[va])
     np.testing.assert_array_equal(teX, encode(make_shapes(10, 8, seed=1)[0], palette, device="cpu"))
+    np.testing.assert_array_equal(teY, make_shapes(10, 8, seed=1)[1])
     preview = np.asarray(Image.open(out + "_preview.png"))
     assert preview.shape == (2 + 4 * 66, 2 + 16 * 66, 3)  # 32 pairs in 4 rows, tiles 8 x 8 pixels drawn 8 times
     original, quantized = preview[2:66:8, 2:66:8], preview[2:66:8, 68:132:8]  # the first pair, one pixel each
