@@ -255,9 +255,11 @@ def test_cli_writes_the_table_and_the_plot(run, tmp_path, capsys):
     assert "layer" in out and "test acc" in out
     table = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert [r["layer"] for r in table["rows"]] == [1, 2] and table["Cs"] == [0.1, 1.0]
-    for r in table["rows"]:
-        assert r["C"] in (0.1, 1.0) and len(r["val_accs"]) == 2 and 0 <= r["test_acc"] <= 1
-        assert r["val_acc"] == max(r["val_accs"])
+    model = IGPT.from_checkpoint(tmp_path / "m.pt")
+    for r in table["rows"]:  # by hand: that layer's features of each split, one probe_layer
+        sets = [(model.features(torch.from_numpy(np.load(tmp_path / f"d_{s}X.npy").astype(np.int64)), [r["layer"]])
+                 [:, 0], torch.from_numpy(np.load(tmp_path / f"d_{s}Y.npy"))) for s in ("tr", "va", "te")]
+        assert r == {"layer": r["layer"], **probe_layer(*sets, [0.1, 1.0], device="cpu")}
     img = Image.open(tmp_path / "out" / "probe.png")
     colors = {c for _, c in img.getcolors(1 << 16)}
     assert img.size == (640, 400) and {(0, 0, 255), (128, 128, 128), (0, 0, 0)} <= colors  # test, val, axes
@@ -297,7 +299,10 @@ def test_cli_baseline_reads_the_palette_beside_the_data_and_is_drawn_dashed(run,
     run("--baseline")
     assert "pixels" in capsys.readouterr().out
     table = json.loads((tmp_path / "out" / "probe.json").read_text())
-    assert table["pixels"]["C"] in (0.1, 1.0) and len(table["pixels"]["val_accs"]) == 2
+    palette = np.load(tmp_path / "d_palette.npy")
+    sets = [(pixel_features(np.load(tmp_path / f"d_{s}X.npy"), palette), torch.from_numpy(np.load(tmp_path /
+             f"d_{s}Y.npy"))) for s in ("tr", "va", "te")]
+    assert table["pixels"] == probe_layer(*sets, [0.1, 1.0], device="cpu")  # the same probe on each pixel's colour
     colors = {c for _, c in Image.open(tmp_path / "out" / "probe.png").getcolors(1 << 16)}
     assert (255, 165, 0) in colors  # the baseline's line
     run("--force")
