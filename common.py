@@ -14,6 +14,7 @@ errors (status 2) print no usage block, and each script's main, wrapped by @scri
 """
 import argparse
 import functools
+import json
 import mmap
 import os
 import signal
@@ -174,6 +175,11 @@ def switch(value, device):
     if value not in SWITCH:
         raise ValueError(f"{value!r} is not one of {', '.join(SWITCH)}")
     return value == "on" or (value == "auto" and torch.device(device).type == "cuda")
+
+
+def write_json(path, obj):
+    """obj as indented JSON at path, written atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def atomic_write(path, write):

@@ -152,8 +152,6 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
             raise ValueError(f"an image to complete is {T} tokens in 0..{len(palette) - 1}")
         original = decode(prime[None].numpy(), palette)
         prime = prime[:rows_kept * n_px].repeat(n, 1)
-    else:
-        rows_kept = 0
 
     def layout(tokens):
         rows = tokens.shape[1] // n_px
@@ -167,8 +165,7 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
     settings = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
     device = model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    with contextlib.closing(_rows_of(engine, n, None if prime is None else prime.to(device), settings,
-                                     generator)) as rows:
+    with contextlib.closing(_rows_of(engine, n, prime, settings, generator)) as rows:
         for tokens in rows:
             yield layout(tokens.numpy())
 

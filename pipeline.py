@@ -29,7 +29,7 @@ import probe
 import quantize
 import sample
 import train
-from common import add_device_options, argument_parser, atomic_write, script
+from common import add_device_options, argument_parser, script, write_json
 from data import CIFAR
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
@@ -148,10 +148,13 @@ def main(argv=None):
                 "(a zip or folder with train/ and test/ class folders, or cifar10 for the official archive)")
     out = args.out or os.path.join("out", args.recipe)
     summary_path = os.path.join(out, "summary.json")
-    try:
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    except ValueError as e:
-        summary = str(e)
+    summary = {}
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            try:
+                summary = json.load(f)
+            except ValueError as e:
+                summary = str(e)  # refused below, with the reason
     if not isinstance(summary, dict):
         raise SystemExit(f"{summary_path} is not a summary ({summary}): move it away, or choose another --out")
     summary["recipe"] = args.recipe
@@ -164,7 +167,7 @@ def main(argv=None):
         summary[stage] = {**summarise(stage, result), "wall_seconds": round(time.time() - t0, 1),
                           "argv": argv_stage}
         # after every stage, so a run cut short keeps its figures
-        atomic_write(summary_path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        write_json(summary_path, summary)
     print(f"== done: {summary_path}")
     for stage in STAGES:
         if stage in summary:

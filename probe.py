@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw
 from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
 from common import (add_device_options, argument_parser, atomic_write, default_device, resolve_device, script,
-                    set_threads, switch)
+                    set_threads, switch, write_json)
 from data import SPLITS, load_tokens, save_npy, set_palette
 from palette import one_palette
 
@@ -172,7 +172,7 @@ def cache_dir(ckpt, data, out_dir):
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(out_dir, "features", key)
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(ident, indent=2).encode()))
+    write_json(os.path.join(folder, "meta.json"), ident)
     return folder
 
 
@@ -348,7 +348,7 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
           + (f"; layers {'+'.join(map(str, joined))} joined: {100 * joint['test_acc']:.2f}%" if joint else ""))
     masks = {"bert_masks": bert_masks} if bert else {}
     report = {"ckpt": ckpt, "data": data, "Cs": Cs, **masks, "rows": rows, "pixels": pixels, "concat": joint}
-    atomic_write(os.path.join(out, "probe.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    write_json(os.path.join(out, "probe.json"), report)
     plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}", pixels=pixels)
     return report
 
