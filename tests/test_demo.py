@@ -12,14 +12,10 @@ import demo
 from engine import Engine
 from igpt import generate, save_checkpoint
 from palette import decode
-from tiny import tiny_model
+from tiny import palette, tiny_model
 
 N_PX, N_VOCAB = 4, 16
 T = N_PX * N_PX
-
-
-def palette(n=N_VOCAB, seed=0):
-    return (np.random.default_rng(seed).random((n, 3)) * 2 - 1).astype(np.float32)
 
 
 def prime_image(seed=3):

@@ -7,13 +7,9 @@ from PIL import Image
 import sample
 from igpt import generate, save_checkpoint
 from palette import decode
-from tiny import tiny_model
+from tiny import palette, tiny_model
 
 N_PX, N_VOCAB, SCALE, PAD = 4, 16, 2, 2
-
-
-def palette(n=N_VOCAB, seed=0):
-    return (np.random.default_rng(seed).random((n, 3)) * 2 - 1).astype(np.float32)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Small random models and token batches shared by the tests."""
+"""Small random models, token batches and palettes shared by the tests."""
+import numpy as np
 import torch
 
 from igpt import IGPT, IGPTConfig
@@ -22,3 +23,8 @@ def tiny_model(seed=0, **overrides):
 def tokens(batch=3, seed=1, n_px=4, n_vocab=16):
     return torch.randint(0, n_vocab, (batch, n_px * n_px), generator=torch.Generator().manual_seed(seed))
 
+
+
+def palette(n=16, seed=0):
+    """A random palette of n colours in [-1, 1], float32 [n, 3]."""
+    return (np.random.default_rng(seed).random((n, 3)) * 2 - 1).astype(np.float32)
