@@ -11,6 +11,7 @@ import data
 from data import (SHAPE_COLOURS, SHAPES, begin_set, check_set, download_cifar, finish_set, holdout, load_images,
                   load_tokens, make_shapes, set_palette, to_rgb)
 from fake_cifar import cifar_batch, write_cifar10
+from traps import CreatesAFile
 
 
 def png(path, array, mode=None):
@@ -187,16 +188,6 @@ def test_empty_missing_mixed_and_mislabelled_sources(tmp_path):
     np.savez(tmp_path / "x.npz", data=np.zeros((2, 12), np.uint8), labels=[1, 2, 3])
     with pytest.raises(ValueError, match="3 labels for 2 images"):
         load_images(str(tmp_path / "x.npz"), 2)
-
-
-class CreatesAFile:
-    """Unpickling this runs code: open(path, "w")."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):

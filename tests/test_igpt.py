@@ -8,6 +8,7 @@ import torch
 
 from igpt import IGPT, IGPTConfig, fixed_mask, generate, load_checkpoint, save_checkpoint
 from tiny import TINY, tiny_model, tokens
+from traps import CreatesAFile
 
 
 def reference_logits(model, x, mask=None):
@@ -172,16 +173,6 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="convert.py"):
         load_checkpoint(tmp_path / "other.pt")
-
-
-class CreatesAFile:
-    """Unpickling this runs code: open(path, "w")."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
