@@ -35,6 +35,21 @@ def log(msg, end="\n"):
     print(msg, end=end, file=sys.stderr, flush=True)
 
 
+class Progress:
+    """A line of progress on stderr: on a terminal rewritten in place at every call; into a file or pipe (a log)
+    written as whole lines, at most one each `every` seconds and always the last, so a log stays readable."""
+
+    def __init__(self, every=10.0):
+        self.tty, self.every, self.shown = sys.stderr.isatty(), every, None
+
+    def __call__(self, msg, last=False):
+        if self.tty:
+            log("\r" + msg + "\033[K", end="\n" if last else "")
+        elif last or self.shown is None or time.time() - self.shown >= self.every:
+            log(msg)
+            self.shown = time.time()
+
+
 def default_device():
     """Where work runs when --device is auto: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"

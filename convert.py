@@ -33,7 +33,7 @@ import torch
 
 import parallel
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from common import argument_parser, atomic_write, log, script
+from common import Progress, argument_parser, atomic_write, log, script
 from data import fetch
 from palette import load_palette
 from tf_checkpoint import TFCheckpoint
@@ -99,16 +99,14 @@ def tf_to_igpt(ckpt, verbose=True) -> IGPT:
                 raise ValueError(f"{name!r} in {ckpt.prefix} has shape {ckpt.entry(name).shape}, expected {shape}")
     names = sorted((n for ns, _, _ in plan.values() for n in ns),
                    key=lambda n: (ckpt.entries[n].shard, ckpt.entries[n].offset))  # sequential reads
-    arrays, nbytes, t0 = {}, 0, time.time()
+    arrays, nbytes, t0, show = {}, 0, time.time(), Progress()
     for i, name in enumerate(names, 1):
         arrays[name] = ckpt.read(name)
         nbytes += ckpt.entries[name].size
         if verbose:
             rate = nbytes / 1e6 / max(time.time() - t0, 1e-9)
             shard = os.path.basename(ckpt.shard_path(ckpt.entries[name].shard))
-            log(f"\rread {i}/{len(names)} tensors, {nbytes / 1e6:.1f} MB, {rate:.0f} MB/s, {shard}", end="")
-    if verbose:
-        log("")
+            show(f"read {i}/{len(names)} tensors, {nbytes / 1e6:.1f} MB, {rate:.0f} MB/s, {shard}", i == len(names))
     state = {k: torch.from_numpy(np.ascontiguousarray(fn(*(arrays.pop(n) for n in ns)), dtype=np.float32))
              for k, (ns, _, fn) in plan.items()}
     return IGPT.from_state_dict(c, state).eval()

@@ -46,7 +46,7 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageOps
 
-from common import atomic_write, file_crc32, log
+from common import Progress, atomic_write, file_crc32, log
 from palette import find_palette, load_palette
 
 CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
@@ -110,13 +110,13 @@ def _decode_files(names, n_px, zip_path=None, workers=None, progress=True):
     tasks = [(zip_path, names[i:i + size], n_px) for i in range(0, len(names), size)]
     with multiprocessing.Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else \
             contextlib.nullcontext() as pool:
-        images, bad, done = [], [], 0
+        images, bad, done, show = [], [], 0, Progress()
         for chunk, failed in (pool.imap(_read_files, tasks) if pool else map(_read_files, tasks)):
             images.append(chunk)
             bad += failed
             done += len(chunk)
             if progress:
-                log(f"\rreading images: {done}/{len(names)}", end="" if done < len(names) else "\n")
+                show(f"reading images: {done}/{len(names)}", last=done == len(names))
     if bad:
         raise ValueError(f"{len(bad)} unreadable image(s) in {zip_path or 'the source'}: "
                          + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
@@ -320,21 +320,26 @@ def fetch(url, path, chunk=1 << 20, progress=True):
             start = 0  # the server sent the whole file
         size = response.headers.get("Content-Length")
         total = start + int(size) if size is not None else None
-        done, t0, shown = start, time.time(), 0.0
+        done, t0, shown, show = start, time.time(), 0.0, Progress()
+
+        def report(last=False):
+            rate = (done - start) / 1e6 / max(time.time() - t0, 1e-9)
+            of = f"/{total / 1e6:.1f}" if total else ""
+            to_go = f", {(total - done) / 1e6 / rate:.0f}s to go" if total and rate > 0 and not last else ""
+            show(f"{os.path.basename(path)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s{to_go}", last)
+
         with open(part, "ab" if start else "wb") as f:
             try:
                 while block := response.read(chunk):
                     f.write(block)
                     done += len(block)
-                    if progress and (time.time() - shown > 0.5 or done == total):
+                    if progress and time.time() - shown > 0.5:
                         shown = time.time()
-                        rate = (done - start) / 1e6 / max(shown - t0, 1e-9)
-                        of = f"/{total / 1e6:.1f}" if total else ""
-                        log(f"\r{os.path.basename(path)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s", end="")
+                        report()
             except OSError as e:
                 raise OSError(f"download of {url} broke off at byte {done} ({e}); run again to resume") from e
-    if progress:
-        log("")
+        if progress:
+            report(last=True)
     if total is not None and done != total:
         raise OSError(f"download of {url} stopped at byte {done} of {total}; run again to resume")
     os.replace(part, path)

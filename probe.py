@@ -54,8 +54,8 @@ from PIL import Image, ImageDraw
 
 from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
-from common import (add_device_options, argument_parser, atomic_write, default_device, resolve_device, script,
-                    set_threads, switch, write_json)
+from common import (add_device_options, argument_parser, atomic_write, default_device, log, resolve_device,
+                    script, set_threads, switch, write_json)
 from data import SPLITS, load_tokens, save_npy, set_palette
 from palette import one_palette
 
@@ -79,6 +79,17 @@ def parse_layers(spec, n_layer):
     if bad or not layers:
         raise ValueError(f"layers {bad or spec} do not exist: this model's layers are 1..{n_layer}")
     return sorted(set(layers))
+
+
+def layer_spec(layers):
+    """The shortest spec parse_layers reads back as these sorted layers: [8, 9, 10, 12] -> "8-10,12"."""
+    runs = []
+    for l in layers:
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
 
 
 # ---- features ----
@@ -193,6 +204,14 @@ def cached_features(model, X, split, layers, folder, masks=1, **kwargs):
 
 # ---- logistic regression ----
 
+class NotConverged(UserWarning):
+    """fit_logistic stopped at max_iter with its largest gradient entry, .grad, still above tol."""
+
+    def __init__(self, grad, max_iter, tol, C):
+        super().__init__(f"L-BFGS stopped at max_iter={max_iter} with gradient {grad:.1e} > tol={tol:.0e} (C={C})")
+        self.grad = grad
+
+
 def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None):
     """Multinomial logistic regression with an L2 penalty, as scikit-learn's LogisticRegression(C=C) with K > 2
     classes: minimise sum_i -log p(y_i | x_i) + ||W||^2 / (2C), bias unpenalised, where p = softmax(x W + b).
@@ -222,7 +241,7 @@ def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None):
     opt.step(closure)
     grad = max(W.grad.abs().max().item(), b.grad.abs().max().item())
     if grad > tol and opt.state[W]["n_iter"] >= max_iter:
-        warnings.warn(f"L-BFGS stopped at max_iter={max_iter} with gradient {grad:.1e} > tol={tol:.0e} (C={C})")
+        warnings.warn(NotConverged(grad, max_iter, tol, C))
     return W.detach(), (b - b.mean()).detach()
 
 
@@ -330,36 +349,49 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     show = lambda name, r: print(f"{name:>6} {r['C']:8.3g} {100 * r['val_acc']:7.2f}% {100 * r['test_acc']:7.2f}%",
                                  flush=True)
     print(f"{'layer':>6} {'C':>8} {'val acc':>8} {'test acc':>8}")
-    for l in layers:
-        rows.append({"layer": l, **probe_layer(*[(load_features(paths[s][l]), labels[s]) for s in SPLITS], Cs,
-                                               device, max_iter, tol)})
-        show(l, rows[-1])
-    if baseline:
-        pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs, device,
-                             max_iter, tol)
-        show("pixels", pixels)
-    if joined:
-        joint = {"layers": joined, **probe_layer(*[(np.concatenate([load_features(paths[s][l]) for l in joined], -1),
-                                                    labels[s]) for s in SPLITS], Cs, device, max_iter, tol)}
-        show("+".join(map(str, joined)), joint)
+    with warnings.catch_warnings(record=True) as caught:  # fits stopped short: counted in one note below
+        warnings.simplefilter("always", NotConverged)
+        for l in layers:
+            rows.append({"layer": l, **probe_layer(*[(load_features(paths[s][l]), labels[s]) for s in SPLITS], Cs,
+                                                   device, max_iter, tol)})
+            show(l, rows[-1])
+        if baseline:
+            pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs, device,
+                                 max_iter, tol)
+            show("pixels", pixels)
+        if joined:
+            joint = {"layers": joined, **probe_layer(*[(np.concatenate([load_features(paths[s][l]) for l in joined],
+                                                                       -1), labels[s]) for s in SPLITS],
+                                                     Cs, device, max_iter, tol)}
+            show(layer_spec(joined), joint)
+    stopped = [w.message.grad for w in caught if issubclass(w.category, NotConverged)]
+    for w in caught:
+        if not issubclass(w.category, NotConverged):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if stopped:
+        fits = (len(layers) + bool(baseline) + bool(joined)) * (len(Cs) + 1)  # each probe: every C, then the refit
+        log(f"note: {len(stopped)} of {fits} fits stopped at --max_iter {max_iter} with the gradient above --tol "
+            f"{tol:.0e} (at most {max(stopped):.1e}); a larger --max_iter fits them more tightly")
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%"
           + (f" (the raw pixels: {100 * pixels['test_acc']:.2f}%)" if pixels else "")
-          + (f"; layers {'+'.join(map(str, joined))} joined: {100 * joint['test_acc']:.2f}%" if joint else ""))
+          + (f"; layers {layer_spec(joined)} joined: {100 * joint['test_acc']:.2f}%" if joint else ""))
     masks = {"bert_masks": bert_masks} if bert else {}
     report = {"ckpt": ckpt, "data": data, "Cs": Cs, **masks, "rows": rows, "pixels": pixels, "concat": joint}
     write_json(os.path.join(out, "probe.json"), report)
-    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}", pixels=pixels)
+    across = [(name, result, color) for name, result, color in
+              (("pixels", pixels, "orange"), (f"layers {layer_spec(joined)} joined", joint, "green")) if result]
+    plot(rows, os.path.join(out, "probe.png"), title=f"linear probe: {os.path.basename(ckpt)}", across=across)
     return report
 
 
-def plot(rows, path, title="linear probe", size=(640, 400), pixels=None):
-    """Validation and test accuracy against layer, as a PNG drawn with PIL; the raw pixels' test accuracy, when
-    given (a probe_layer result), as a dashed line across."""
+def plot(rows, path, title="linear probe", size=(640, 400), across=()):
+    """Validation and test accuracy against layer, as a PNG drawn with PIL; and the test accuracy of each
+    (name, probe_layer result, colour) of `across` (the raw pixels', the joined layers') as a dashed line across."""
     w, h = size
     x0, y0, x1, y1 = 60, 30, w - 20, h - 45  # the plotting area
     layers = [r["layer"] for r in rows]
-    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")] + ([100 * pixels["test_acc"]] if pixels else [])
+    accs = [100 * r[k] for r in rows for k in ("val_acc", "test_acc")] + [100 * res["test_acc"] for _, res, _ in across]
     lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
     lmin, lmax = min(layers), max(layers)
     px = lambda l: x0 + (x1 - x0) * (l - lmin + 0.5) / (lmax - lmin + 1)
@@ -381,12 +413,12 @@ def plot(rows, path, title="linear probe", size=(640, 400), pixels=None):
         d.line(pts, fill=color, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.text((x1 - 60, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color)
-    if pixels:
-        y = py(100 * pixels["test_acc"])
+        d.text((x1, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color, anchor="ra")
+    for i, (name, result, color) in enumerate(across):
+        y = py(100 * result["test_acc"])
         for x in range(x0, x1, 12):
-            d.line([(x, y), (min(x + 6, x1), y)], fill="orange", width=2)
-        d.text((x1 - 60, y0 + 28), "pixels", fill="orange")
+            d.line([(x, y), (min(x + 6, x1), y)], fill=color, width=2)
+        d.text((x0 + 6, y - 3), name, fill=color, anchor="ld")  # above its line, at the left
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 

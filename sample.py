@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from common import (add_generation_options, argument_parser, generation_dtype, resolve_device, save_grid, script,
-                    set_threads, switch)
+from common import (Progress, add_generation_options, argument_parser, generation_dtype, resolve_device, save_grid,
+                    script, set_threads, switch)
 from data import TOKEN_FILE, check_set, load_images, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
@@ -166,20 +166,20 @@ def main(argv=None):
     path = "the fused step" if sampler.fast else "the plain path"
     print(f"sampling {total} images of {n_px}x{n_px} on {device} ({dtype}, {path}, compiled: {compile_step})")
     t0 = time.time()
-    chunks = []
+    chunks, show = [], Progress()
     for start in range(0, total, args.batch_size):
         n = min(args.batch_size, total - start)
 
-        def progress(done, of, tokens, start=start):
+        def progress(done, of, tokens, start=start, n=n):
             if done % max(1, of // 20) == 0 or done == of:
-                sys.stderr.write(f"\r  images {start + 1}-{start + n} of {total}: token {done}/{of}, "
-                                 f"{time.time() - t0:.1f}s")
-                sys.stderr.flush()
+                elapsed, part = time.time() - t0, (start + n * done / of) / total  # of all the images' tokens
+                to_go = f", {elapsed * (1 / part - 1):.1f}s to go" if 0 < part < 1 else ""
+                show(f"  images {start + 1}-{start + n} of {total}: token {done}/{of}, {elapsed:.1f}s{to_go}",
+                     last=done == of and start + n == total)
 
         chunks.append(sampler.generate(num_samples=n, prime=None if prime is None else prime[start:start + n],
                                        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                                        generator=generator, progress=progress).cpu())
-    sys.stderr.write("\n")
     tokens = torch.cat(chunks).numpy().astype(np.uint16)
     elapsed = time.time() - t0
     print(f"{total} images in {elapsed:.1f}s ({total / elapsed:.2f} images/s, compile time included)")

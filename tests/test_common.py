@@ -1,4 +1,5 @@
-"""common.py: the PNG grid, atomic writes, one-line errors, the number of threads."""
+"""common.py: the PNG grid, atomic writes, one-line errors, the number of threads, progress lines."""
+import io
 import os
 import socket
 import stat
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import common
-from common import argument_parser, atomic_write, save_grid, script, set_threads
+from common import Progress, argument_parser, atomic_write, save_grid, script, set_threads
 
 
 def test_save_grid_lays_out_rows_and_columns(tmp_path):
@@ -125,3 +126,29 @@ def test_threads_follow_omp_num_threads_when_it_is_set(threads, monkeypatch):
     assert set_threads(0) == 2 and set_threads(1) == 1
     with pytest.raises(ValueError, match="--threads -1"):
         set_threads(-1)
+
+
+class Stream(io.StringIO):
+    """A stand-in for stderr that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_rewrites_a_terminals_line_and_writes_a_log_whole_lines_now_and_then(tty, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Stream(tty))
+    now = [0.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    show = Progress(every=10)
+    for i, t in enumerate([0, 4, 9, 10, 12], 1):
+        now[0] = t
+        show(f"step {i}/5", last=i == 5)
+    if tty:
+        assert sys.stderr.getvalue() == "".join(f"\rstep {i}/5\033[K" for i in range(1, 6)) + "\n"
+    else:
+        assert sys.stderr.getvalue() == "step 1/5\nstep 4/5\nstep 5/5\n"  # the first, ten seconds on, the last

@@ -3,6 +3,7 @@ and the command line end to end."""
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from igpt import IGPT, fixed_mask, save_checkpoint
-from probe import (accuracy, cache_dir, extract_features, fit_logistic, main, parse_layers, pixel_features,
-                   probe_layer, probe_layers, standardise)
+from probe import (NotConverged, accuracy, cache_dir, extract_features, fit_logistic, layer_spec, main,
+                   parse_layers, pixel_features, probe_layer, probe_layers, standardise)
 from tiny import tiny_model, tokens
 
 
@@ -45,6 +46,12 @@ def run(tmp_path):
               "--device", "cpu", "--Cs", "0.1,1", *args])
     return run
 
+
+
+@pytest.mark.parametrize("layers, spec", [([8, 9, 10, 11, 12], "8-12"), ([6, 9, 12], "6,9,12"), ([1, 2, 3, 7], "1-3,7"),
+                                          ([4], "4")])
+def test_layer_spec_is_the_shortest_spec_that_reads_back_as_the_layers(layers, spec):
+    assert layer_spec(layers) == spec and parse_layers(spec, 12) == layers
 
 # ---- features ----
 
@@ -210,6 +217,34 @@ def test_concat_probes_the_named_layers_features_joined_end_to_end(tmp_path):
     assert report["concat"] == {"layers": [1, 2], **probe_layer(*sets, [0.1, 1.0], device="cpu")}
     assert [r["layer"] for r in report["rows"]] == [1]  # the table keeps the layers asked for
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["concat"]["layers"] == [1, 2]
+
+
+def test_fits_stopped_at_max_iter_make_one_note_and_no_warnings(tmp_path, capsys):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning left over would fail the call
+        probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "all", [0.1, 1.0], str(tmp_path / "out"),
+                     device="cpu", max_iter=1, tol=1e-12)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--max_iter" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: 6 of 6 fits stopped at --max_iter 1")
+
+
+def test_a_fit_stopped_at_max_iter_warns_with_its_gradient():
+    X, y = torch.randn(40, 3, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 2
+    with pytest.warns(NotConverged, match="max_iter=1 ") as record:
+        fit_logistic(X, y, 1.0, max_iter=1, tol=1e-12, device="cpu")
+    assert record[0].message.grad > 1e-12
+def test_the_plot_draws_the_joined_layers_as_a_green_line_only_when_asked(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    greens = {}
+    for concat in (None, "1,2"):
+        out = tmp_path / f"out-{concat}"
+        probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "all", [0.1, 1.0], str(out), device="cpu",
+                     concat=concat)
+        greens[concat] = (0, 128, 0) in {c for _, c in Image.open(out / "probe.png").getcolors(1 << 16)}
+    assert greens == {None: False, "1,2": True}
 
 # ---- the feature cache ----
 
