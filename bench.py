@@ -434,13 +434,12 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 
 def _torchrun_train(argv, nproc=1, stop_after=0, timeout=360):
     """train.py with argv under `torch.distributed.run --standalone --nproc_per_node=nproc` (one process a GPU; on
-    the CPU, gloo), in a session of its own with MULTICAST_OFF in its environment. Its memory check is skipped, so
+    the CPU, gloo), in a session of its own with MULTICAST_OFF in its environment, and with --no-memory_check, so
     that the GPU and not the estimate says what fits. stop_after > 0: every process is killed (SIGKILL, so none
     writes a checkpoint on the way out) once rank 0 has logged step stop_after + 1; all are killed after `timeout`
     seconds in any case. Returns (exit status, stderr)."""
-    code = "import sys, train; train.check_memory = lambda *a: None; train.main(sys.argv[1:])"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--no_python",
-           sys.executable, "-c", code, *map(str, argv)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--no-memory_check", *map(str, argv)]
     with tempfile.TemporaryFile("w+") as stderr:
         run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
                                cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, **MULTICAST_OFF})

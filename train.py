@@ -98,6 +98,8 @@ class TrainConfig:
     fsdp: bool = False              # shard weights, gradients and optimizer state over the GPUs (FSDP2), not DDP
     activation_checkpointing: bool = False  # recompute each block in the backward: far less activation memory
     dry_run: bool = False           # print the memory a GPU needs for this configuration, and stop
+    memory_check: bool = True       # refuse, before any work, a run the memory estimate says cannot fit the GPU
+                                    # (--no-memory_check: let the GPU decide)
 
 
 CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloat16", "float32"),
@@ -131,12 +133,18 @@ def parse_config(argv=None):
 
 
 def _field_comments():
-    """The `# comment` after each TrainConfig field, shown by --help."""
-    out = {}
+    """The `# comment` after each TrainConfig field, with the comment lines under it that start in its column,
+    shown by --help."""
+    out, field, column = {}, None, None
     for line in inspect.getsource(TrainConfig).splitlines():
-        name, _, comment = line.strip().partition("#")
-        if ":" in name and comment:
-            out[name.split(":")[0].strip()] = comment.strip()
+        code, _, comment = line.partition("#")
+        if ":" in code and comment:
+            field, column = code.split(":")[0].strip(), len(code)
+            out[field] = comment.strip()
+        elif field and not code.strip() and len(code) == column:
+            out[field] += " " + comment.strip()
+        else:
+            field = None
     return out
 
 
@@ -288,13 +296,14 @@ def compute_bytes(cfg):
 
 
 def check_memory(cfg, config, world, device):
-    """Refuse, before any work, a training run that cannot fit the GPU by parallel.memory_estimate."""
-    if device.type != "cuda" or cfg.eval_only:
+    """Refuse, before any work, a training run that cannot fit the GPU by parallel.memory_estimate (unless
+    --no-memory_check)."""
+    if device.type != "cuda" or cfg.eval_only or not cfg.memory_check:
         return
     error = parallel.fit_error(config, torch.cuda.get_device_properties(device).total_memory, cfg.micro_batch_size,
                                world, cfg.fsdp, cfg.activation_checkpointing, compute_bytes(cfg))
     if error:
-        raise SystemExit(error)
+        raise SystemExit(f"{error} (it is an estimate: --no-memory_check tries the run anyway)")
 
 
 def dry_run(cfg, world, device, log):

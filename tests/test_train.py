@@ -575,6 +575,22 @@ def test_help_lists_every_option_with_its_default():
         assert f"(default: {f.default!r})" in result.stdout
 
 
+
+def test_help_gives_an_options_comment_whole_where_it_runs_onto_a_second_line():
+    comments = train._field_comments()
+    assert comments["crop"].endswith("its edges mirrored into the gap (0: none)")
+    assert comments["grad_clip"] == "max global gradient norm; 0 disables"  # the section's heading below is not its
+
+
+def test_a_run_the_estimate_says_cannot_fit_is_refused_in_one_line_unless_no_memory_check(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("GPU", (), {"total_memory": 1e9}))
+    config, cuda = IGPTConfig.preset("l"), torch.device("cuda")
+    cfg, _ = train.parse_config(["--micro_batch_size", "32"])
+    with pytest.raises(SystemExit, match=r"^this run cannot fit: .* --no-memory_check tries the run anyway\)$"):
+        train.check_memory(cfg, config, 1, cuda)
+    cfg, _ = train.parse_config(["--micro_batch_size", "32", "--no-memory_check"])
+    assert train.check_memory(cfg, config, 1, cuda) is None
+
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr():
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert train.lr_at(0, cfg) == pytest.approx(0.1)
