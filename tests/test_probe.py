@@ -235,6 +235,8 @@ def test_a_fit_stopped_at_max_iter_warns_with_its_gradient():
     with pytest.warns(NotConverged, match="max_iter=1 ") as record:
         fit_logistic(X, y, 1.0, max_iter=1, tol=1e-12, device="cpu")
     assert record[0].message.grad > 1e-12
+
+
 def test_the_plot_draws_the_joined_layers_as_a_green_line_only_when_asked(tmp_path):
     save_checkpoint(tmp_path / "m.pt", tiny_model())
     write_data(tmp_path / "d")
