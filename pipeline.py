@@ -15,7 +15,8 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
     train/ckpt.pt, train/log.jsonl                                    train.py: the model and its training log
     samples.png, completions.png (and .npy)                           sample.py: samples and completions
     probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer,
-                                                                      and of the raw pixels (--baseline, shapes)
+                                                                      of the raw pixels (--baseline, shapes) and
+                                                                      of layers joined (--concat, cifar10)
     finetune/ckpt.pt, finetune/log.jsonl                              train.py --clf: fine-tuned, its test accuracy
     summary.json                                                      every stage's figures and wall time
 """
