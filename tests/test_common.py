@@ -120,10 +120,15 @@ def test_cpu_times_reads_the_first_line_of_proc_stat(tmp_path):
     assert common.cpu_times(str(tmp_path / "stat")) == [10, 2, 30, 400, 5, 6, 7, 8]
 
 
-def test_threads_follow_omp_num_threads_when_it_is_set(threads, monkeypatch):
-    torch.set_num_threads(2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert set_threads(0) == 2 and set_threads(1) == 1
+def test_with_omp_num_threads_set_threads_0_keeps_the_count_it_set_and_looks_at_no_core(threads, monkeypatch):
+    torch.set_num_threads(3)  # as PyTorch started under OMP_NUM_THREADS=3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(common, "idle_cores", lambda *a: pytest.fail("idle_cores was consulted"))
+    assert set_threads(0) == 3 and torch.get_num_threads() == 3
+    assert set_threads(1) == 1  # a number given is taken as it is
+
+
+def test_a_negative_number_of_threads_is_refused_naming_the_flag(threads):
     with pytest.raises(ValueError, match="--threads -1"):
         set_threads(-1)
 

@@ -208,8 +208,14 @@ def test_memory_estimate_of_igpt_xl_sharded_over_8_gpus_matches_a_hand_computati
 def test_ddp_of_igpt_xl_on_80_gb_is_refused_with_the_numbers_and_a_setup_that_fits():
     xl = IGPTConfig.preset("xl")
     error = parallel.fit_error(xl, 80e9, micro_batch_size=8, world=8)
-    assert error.startswith("this run cannot fit: 6.80B parameters, DDP on 8 GPUs, need about 180.0 GB a GPU "
-                            "(weights 40.8 GB, gradients 27.2 GB, optimizer 54.4 GB, activations 57.6 GB")
+    block, rest = counts(3072, 60, 512, 1024)
+    n = 60 * block + rest
+    # by hand, as for iGPT-S above: DDP keeps everything whole on each GPU
+    parts = [6 * n, 4 * n, 8 * n, 8 * 1024 * (60 * 38 * 3072 + 6 * 3072 + 10 * 512)]
+    weights, gradients, optimizer, activations = [f"{b / 1e9:.1f} GB" for b in parts]
+    assert error.startswith(f"this run cannot fit: 6.80B parameters, DDP on 8 GPUs, need about {sum(parts) / 1e9:.1f}"
+                            f" GB a GPU (weights {weights}, gradients {gradients}, optimizer {optimizer}, "
+                            f"activations {activations}")
     assert error.endswith("but it has 80.0 GB; try --fsdp on 8 GPUs (73.0 GB each)")
     assert parallel.memory_estimate(xl, 8, world=4, fsdp=True)["total"] > 80e9  # 8 is the fewest
     assert parallel.fit_error(xl, 80e9, micro_batch_size=8, world=8, fsdp=True) is None

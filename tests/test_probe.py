@@ -329,9 +329,12 @@ def test_cli_refuses_several_masks_for_an_autoregressive_model(run):
         run("--bert_masks", "2")
 
 
-def test_cli_baseline_reads_the_palette_beside_the_data_and_is_drawn_dashed(run, tmp_path, capsys):
+def test_cli_baseline_needs_the_palette_beside_the_data(run):
     with pytest.raises(SystemExit, match="d_palette.npy is missing"):  # none in the tiny checkpoint or beside the data
         run("--baseline")
+
+
+def test_cli_baseline_is_the_same_probe_on_each_pixels_colour_drawn_as_a_dashed_line(run, tmp_path, capsys):
     np.save(tmp_path / "d_palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
     run("--baseline")
     assert "pixels" in capsys.readouterr().out
@@ -339,9 +342,16 @@ def test_cli_baseline_reads_the_palette_beside_the_data_and_is_drawn_dashed(run,
     palette = np.load(tmp_path / "d_palette.npy")
     sets = [(pixel_features(np.load(tmp_path / f"d_{s}X.npy"), palette), torch.from_numpy(np.load(tmp_path /
              f"d_{s}Y.npy"))) for s in ("tr", "va", "te")]
-    assert table["pixels"] == probe_layer(*sets, [0.1, 1.0], device="cpu")  # the same probe on each pixel's colour
-    colors = {c for _, c in Image.open(tmp_path / "out" / "probe.png").getcolors(1 << 16)}
-    assert (255, 165, 0) in colors  # the baseline's line
+    assert table["pixels"] == probe_layer(*sets, [0.1, 1.0], device="cpu")
+    orange = (np.asarray(Image.open(tmp_path / "out" / "probe.png").convert("RGB")) == (255, 165, 0)).all(-1)
+    row = orange[orange.sum(1).argmax()]  # the line's row: dashes of orange with gaps between
+    runs = np.flatnonzero(np.diff(row.astype(int)) == 1)
+    assert len(runs) > 10
+
+
+def test_cli_without_baseline_reports_no_pixels_probe(run, tmp_path):
+    np.save(tmp_path / "d_palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
+    run("--baseline")
     run("--force")
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["pixels"] is None
 

@@ -439,9 +439,11 @@ def test_a_resumed_run_keeps_a_log_whose_last_line_a_kill_cut_short(tmp_path):
     assert sorted(losses(tmp_path / "o")) == [1, 2, 3]
 
 
-def test_the_micro_batch_is_chosen_from_the_batch(capsys):
-    for batch, world, micro in [(64, 1, 32), (16, 1, 16), (48, 1, 24), (100, 1, 25), (64, 4, 16), (66, 2, 11)]:
-        assert train.micro_batch(train.TrainConfig(batch_size=batch), world) == micro
+def test_the_micro_batch_is_the_largest_divisor_of_each_processs_share_up_to_32():
+    for batch, world in [(64, 1), (16, 1), (48, 1), (100, 1), (64, 4), (66, 2), (2 * 37, 1)]:
+        share = batch // world  # by brute force: the largest d <= 32 that splits the share evenly
+        expected = next(d for d in range(32, 0, -1) if share % d == 0)
+        assert train.micro_batch(train.TrainConfig(batch_size=batch), world) == expected
     assert train.micro_batch(train.TrainConfig(batch_size=64, micro_batch_size=8), 2) == 8
     with pytest.raises(SystemExit, match="multiple of --micro_batch_size 24 x 1"):
         train.micro_batch(train.TrainConfig(batch_size=64, micro_batch_size=24), 1)
@@ -526,6 +528,7 @@ def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_pa
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     wait_for_step(ranks[0], 3)
     ranks[1].send_signal(signal.SIGTERM)  # only the second rank is told
+    # a rank that stopped at another step would leave the other waiting in its next all-reduce until the timeout
     outputs = [(p.communicate(timeout=120), p.returncode) for p in ranks]
     assert [code for _, code in outputs] == [128 + signal.SIGTERM] * 2
     step = load_checkpoint(out / "ckpt.pt")["step"]
