@@ -22,7 +22,7 @@ import torch
 
 from common import (Progress, add_generation_options, argument_parser, generation_dtype, resolve_device, save_grid,
                     script, set_threads, switch)
-from data import TOKEN_FILE, check_set, load_images, save_npy, set_palette
+from data import TOKEN_FILE, load_images, load_tokens, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
 from palette import decode, encode, model_palette, one_palette
@@ -70,20 +70,21 @@ def load_prime(source, palette, n_px, n_vocab, count, by_class=False):
     if not os.path.isfile(source):
         raise SystemExit(f"--prime {source!r}: no such file")
     token_file = TOKEN_FILE.fullmatch(source)
-    if token_file:
-        check_set(token_file[1], [source])
+    token_file = token_file if token_file and token_file[3] == "X" else None
+    if token_file:  # a split of a set: its manifest, its palette, its labels in any of the released forms
         one_palette(set_palette(token_file[1]), ("the model", palette))
-    tokens = np.load(source, mmap_mode="r")
+        tokens, labels = load_tokens(token_file[1], token_file[2])
+    else:
+        tokens, labels = np.load(source, mmap_mode="r"), None
     if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
         raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
                          f"{n_px}x{n_px} model, got {tokens.dtype} {list(tokens.shape)}")
     if by_class:
-        labels_path = f"{token_file[1]}_{token_file[2]}Y.npy" if token_file else ""
-        if not os.path.isfile(labels_path):
+        if labels is None:
+            labels_path = f"{token_file[1]}_{token_file[2]}Y.npy" if token_file else ""
             raise SystemExit(f"--prime_classes needs the labels of {source}: "
                              f"{labels_path or 'a {prefix}_teY.npy beside a {prefix}_teX.npy'} is missing")
-        check_set(token_file[1], [labels_path])
-        tokens = tokens[classes_in_turn(np.load(labels_path), count)]
+        tokens = tokens[classes_in_turn(labels, count)]
     tokens = np.asarray(tokens[:count], dtype=np.int64)
     if tokens.size and (tokens.max() >= n_vocab or tokens.min() < 0):
         raise SystemExit(f"--prime {source!r}: token values must lie in 0..{n_vocab - 1}")
@@ -136,7 +137,7 @@ def main(argv=None):
 
     model = IGPT.from_checkpoint(args.ckpt)
     if model.config.bert:
-        raise SystemExit(f"sample.py: {args.ckpt} is a BERT model, which cannot sample: it predicts masked pixels "
+        raise SystemExit(f"{args.ckpt} is a BERT model, which cannot sample: it predicts masked pixels "
                          "from the rest of an image and has no order to generate one in. Sample from an "
                          "autoregressive checkpoint")
     palette = model_palette(model, args.palette, args.ckpt)

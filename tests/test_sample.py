@@ -87,6 +87,16 @@ def test_prime_classes_completes_an_image_of_each_class_from_the_labels_beside_t
         run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--prime_classes", "--out", tmp_path / "e")
 
 
+def test_prime_classes_reads_one_hot_labels_as_the_original_release_stores_them(ckpt, tmp_path):
+    originals = np.random.default_rng(0).integers(0, N_VOCAB, (6, N_PX * N_PX)).astype(np.uint16)
+    np.save(tmp_path / "d_teX.npy", originals)
+    np.save(tmp_path / "d_teY.npy", np.eye(3, dtype=np.float32)[[0, 0, 0, 1, 1, 2]])
+    run("--ckpt", ckpt, "--prime", tmp_path / "d_teX.npy", "--num_prime", 3, "--prime_classes", "--num_samples", 1,
+        "--prime_rows", 2, "--out", tmp_path / "c")
+    np.testing.assert_array_equal(np.load(tmp_path / "c" / "completions.npy")[:, :2 * N_PX],
+                                  originals[[0, 3, 5], :2 * N_PX])
+
+
 def test_prime_images_are_quantized_with_the_palette(ckpt, tmp_path):
     colours = np.clip(np.rint(127.5 * (palette() + 1)), 0, 255).astype(np.uint8)
     want = np.random.default_rng(1).integers(0, N_VOCAB, N_PX * N_PX)
@@ -111,7 +121,7 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 
 def test_a_bert_checkpoint_is_refused_with_the_reason(tmp_path):
     save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True), palette=palette())
-    with pytest.raises(SystemExit, match="BERT model, which cannot sample: .* no order to generate"):
+    with pytest.raises(SystemExit, match="^sample.py: [^ ]*bert.pt is a BERT model, which cannot sample: .* no order"):
         run("--ckpt", tmp_path / "bert.pt", "--out", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.pt"]
 
