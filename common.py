@@ -150,6 +150,11 @@ def resolve_device(name):
     return device
 
 
+def generation_fast(name):
+    """The Engine(fast=...) a --fast of add_generation_options means: "auto", True or False."""
+    return {"auto": "auto", "on": True, "off": False}[name]
+
+
 def set_threads(n, processes=1):
     """Set PyTorch's CPU threads to n; for 0, leave $OMP_NUM_THREADS's choice if it is set, else take one for each
     idle core (idle_cores), shared among `processes` (at least one). Threads beyond the idle cores spin waiting for

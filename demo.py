@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import (add_generation_options, argument_parser, generation_dtype, grid_image, log, resolve_device,
-                    switch)
+from common import (add_generation_options, argument_parser, generation_dtype, generation_fast, grid_image, log,
+                    resolve_device, set_threads, switch)
 from data import load_tokens, to_rgb
 from engine import Engine
 from igpt import IGPT
@@ -314,6 +314,7 @@ def main(argv=None):
         device = resolve_device(args.device)
     except ValueError as e:
         raise SystemExit(f"demo.py: {e}") from None
+    set_threads(args.threads)
     model, palette, train_config = load_model(args.ckpt, args.palette)
     data = args.data or train_config.get("data", "")
     if args.data or os.path.isfile(f"{data}_teX.npy"):
@@ -324,8 +325,7 @@ def main(argv=None):
     dtype = generation_dtype(args.dtype, device)
     model = model.to(device=device, dtype=dtype).eval()
     try:
-        engine = Engine(model, fast={"auto": "auto", "on": True, "off": False}[args.fast],
-                        compile=switch(args.compile, device))
+        engine = Engine(model, fast=generation_fast(args.fast), compile=switch(args.compile, device))
     except ValueError as e:
         raise SystemExit(f"demo.py: --fast on: {e}") from None
     log(f"{args.ckpt}: {model.config.n_px}x{model.config.n_px} images, {len(test_tokens)} test images, on {device} "

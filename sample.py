@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from common import (Progress, add_generation_options, argument_parser, generation_dtype, resolve_device, save_grid,
-                    script, set_threads, switch)
+from common import (Progress, add_generation_options, argument_parser, generation_dtype, generation_fast,
+                    resolve_device, save_grid, script, set_threads, switch)
 from data import TOKEN_FILE, load_images, load_tokens, save_npy, set_palette
 from engine import Engine
 from igpt import IGPT
@@ -146,7 +146,7 @@ def main(argv=None):
     dtype = generation_dtype(args.dtype, device)
     model = model.to(device=device, dtype=dtype).eval()
     compile_step = switch(args.compile, device)
-    fast = {"auto": "auto", "on": True, "off": False}[args.fast]
+    fast = generation_fast(args.fast)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     if args.prime:

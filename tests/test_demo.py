@@ -219,6 +219,25 @@ def test_without_gradio_the_script_says_what_to_install(monkeypatch):
         demo.main([])
 
 
+def test_the_script_takes_the_cpu_threads_it_is_given(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gradio" else real(name, *a))
+    seen = []
+
+    def load_model(*args):  # by then the threads are set; the page itself is not built
+        seen.append(torch.get_num_threads())
+        raise SystemExit("stopped before the page")
+    monkeypatch.setattr(demo, "load_model", load_model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(SystemExit, match="stopped before the page"):
+            demo.main(["--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
 # ---- the page, where Gradio is installed ----
 
 @pytest.fixture
