@@ -423,7 +423,7 @@ SMALL_SIZES = dict(n_layer=2, n_embd=64, n_head=4)  # the presets shrunk for IGP
 
 def _small_flags():
     """train.py's flags that shrink a preset to SMALL_SIZES under IGPT_BENCH_SMALL=1 (else none)."""
-    return [a for k, v in SMALL_SIZES.items() if _small() for a in (f"--{k}", v)]
+    return [a for k, v in SMALL_SIZES.items() for a in (f"--{k}", v)] if _small() else []
 
 
 # Set in every process the benchmarks start, as NCCL's NVLS, PyTorch's symmetric memory and NVSHMEM read them:
@@ -532,6 +532,9 @@ def _peak(result):
     return _gb(result["max_memory_gb"]) if result["max_memory_gb"] is not None else "not measured on the CPU"
 
 
+EAGER = ["--compile", "off"]  # the memory runs: the model's own memory, and no compile before each try of a batch
+
+
 def _memory_runs(size, n_px, options, micro_batch_size=None):
     """train.py's peak memory and images/s at micro_batch_size, or else at the largest the estimate fits on this
     GPU and, while that runs out of memory, at three quarters of the last; beside the estimate itself. On the CPU
@@ -545,14 +548,13 @@ def _memory_runs(size, n_px, options, micro_batch_size=None):
     if result is None:
         return {"micro_batch_size": 1, "out_of_memory": True}
     result["estimate_gb"] = _estimate(config, result["micro_batch_size"], options) / 1e9
-    label = " ".join(["one GPU", *(o for o in options if o not in EAGER), *(["eager"] if EAGER[0] in options else [])])
+    eager = options[:len(EAGER)] == EAGER
+    label = " ".join(["one GPU", *options[len(EAGER) if eager else 0:], *(["eager"] if eager else [])])
     print(f"iGPT-{size.upper()} {n_px}x{n_px}, {label}: micro-batch "
           f"{result['micro_batch_size']}, {result['images_per_s']:.1f} images/s, peak {_peak(result)}, estimate "
           f"{_gb(result['estimate_gb'])}", flush=True)
     return result
 
-
-EAGER = ["--compile", "off"]  # the memory runs: the model's own memory, and no compile before each try of a batch
 
 
 def _checkpointing_trade(n_px):
@@ -964,6 +966,7 @@ def crc32c():
 
 
 def main():
+    from common import write_json
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all")
     parser.add_argument("--out", default="", help="folder for NAME_DEVICE.json, one a benchmark (default: '', none)")
@@ -979,9 +982,7 @@ def main():
         figures = {"device": device_name(), **({"gpus": gpus} if gpus > 1 else {}), "torch": torch.__version__,
                    name: result}
         if args.out and result is not None:  # after each, so a run cut short keeps what it measured
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"{name}_{device_slug(gpus)}.json"), "w") as f:
-                json.dump(figures, f, indent=2)
+            write_json(os.path.join(args.out, f"{name}_{device_slug(gpus)}.json"), figures)
 
 
 if __name__ == "__main__":

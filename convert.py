@@ -33,7 +33,7 @@ import torch
 
 import parallel
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from common import Progress, argument_parser, atomic_write, log, script
+from common import Progress, argument_parser, log, script, write_json
 from data import fetch
 from palette import load_palette
 from tf_checkpoint import TFCheckpoint
@@ -200,10 +200,13 @@ def igpt_to_hf(model, folder, force=False, palette=None):
     if model.config.bert:
         raise ValueError("a BERT model cannot be exported to Hugging Face: transformers' ImageGPT is autoregressive "
                          "only (it has no masked-pixel model to hold it); keep the igpt checkpoint")
+    c = model.config
+    palette = getattr(model, "palette", None) if palette is None else palette
+    if palette is not None and len(palette) != c.n_vocab:
+        raise ValueError(f"the palette has {len(palette)} colours but the model has n_vocab={c.n_vocab}")
     transformers, save_file = _require("transformers"), _require("safetensors.torch").save_file
     path = os.path.join(folder, "model.safetensors")
     _refuse_overwrite(path, force)
-    c = model.config
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     hf = {"transformer.wte.weight": torch.cat([sd["wte.weight"], sd["sos"][None]]),
           "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.g"],
@@ -223,7 +226,6 @@ def igpt_to_hf(model, folder, force=False, palette=None):
         architectures=["ImageGPTForCausalImageModeling"])
     config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in hf.items()}, path, metadata={"format": "pt"})
-    palette = getattr(model, "palette", None) if palette is None else palette
     if palette is None:
         log(f"note: the model has no palette, so {folder} has no preprocessor_config.json: pass --palette NPY")
         return
@@ -231,8 +233,7 @@ def igpt_to_hf(model, folder, force=False, palette=None):
         "image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette, np.float32).tolist(),
         "do_resize": True, "size": {"height": c.n_px, "width": c.n_px}, "resample": 2, "do_normalize": True,
         "do_color_quantize": True}
-    text = json.dumps(processor, indent=2) + "\n"
-    atomic_write(os.path.join(folder, "preprocessor_config.json"), lambda f: f.write(text.encode()))
+    write_json(os.path.join(folder, "preprocessor_config.json"), processor)
 
 
 # ---- downloading the release (data.fetch: resumable, urllib only) ----
@@ -326,16 +327,13 @@ def main(argv=None):
         model = tf_to_igpt(TFCheckpoint(prefix))
     elif args.hf:
         model = hf_to_igpt(args.hf)
-        palette = model.palette if palette is None else palette
     elif args.from_dcp:
         model = IGPT.from_saved(parallel.load_weights(args.from_dcp), args.from_dcp)
-        palette = model.palette if palette is None else palette
     else:
         model = tf_to_igpt(TFCheckpoint(args.checkpoint))
     if model.config.bert:
         log("model/sos is absent: a BERT model (masked pixels, bidirectional attention), converted with bert=True")
-    if palette is not None and len(palette) != model.config.n_vocab:
-        raise ValueError(f"the palette has {len(palette)} colours but the model has n_vocab={model.config.n_vocab}")
+    palette = getattr(model, "palette", None) if palette is None else palette  # HF clusters; a run's
     save_checkpoint(args.out, model, palette=palette)
     log(f"wrote {args.out}: {model.get_num_params() / 1e6:.1f}M parameters, {model.config}")
 

@@ -448,6 +448,9 @@ def save_checkpoint(path, model=None, palette=None, **extra):
         obj["model"] = model.state_dict()
     if palette is not None:
         obj["palette"] = torch.as_tensor(palette, dtype=torch.float32)
+        if model is not None and len(palette) != model.config.n_vocab:  # a token would index no colour, or another
+            raise ValueError(f"not writing {path}: the palette has {len(palette)} colours but the model has "
+                             f"n_vocab={model.config.n_vocab}")
     bad = first_nonfinite(obj)
     if bad is not None:
         raise ValueError(f"not writing {path}: {bad} holds inf or nan")

@@ -189,6 +189,12 @@ def test_hf_export_keeps_the_palette_where_the_image_processor_reads_it(tmp_path
     torch.testing.assert_close(IGPT.from_checkpoint(tmp_path / "back.pt").palette, torch.from_numpy(palette))
 
 
+def test_hf_export_refuses_a_palette_of_another_size_than_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match="the palette has 8 colours but the model has n_vocab=16"):
+        igpt_to_hf(tiny_model(), tmp_path / "hf", palette=np.zeros((8, 3), np.float32))
+    assert not (tmp_path / "hf").exists()  # refused before anything is written
+
+
 def test_without_transformers_the_hf_commands_say_what_to_install(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "igpt.pt", tiny_model())
     real_import = convert.importlib.import_module

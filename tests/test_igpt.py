@@ -158,6 +158,12 @@ def test_checkpoint_round_trip_keeps_weights_and_palette(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
 
 
+def test_a_palette_of_another_size_than_the_vocabulary_is_not_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"not writing .*m.pt: the palette has 8 colours but the model has n_vocab=16"):
+        save_checkpoint(tmp_path / "m.pt", tiny_model(), palette=torch.zeros(8, 3))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
