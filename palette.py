@@ -235,7 +235,7 @@ def one_palette(*named, n_vocab=None):
     return given[0][1] if given else None
 
 
-def model_palette(model, path="", name="the checkpoint"):
+def model_palette(model, path, name):
     """The palette to draw a model's tokens with: the file at path when given, else model.palette (from name), as
     float32 [n_vocab, 3]; a ValueError says what to give when there is none or it does not fit the model."""
     palette = load_palette(path) if path else model.palette

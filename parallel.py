@@ -52,7 +52,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import atomic_write
+from common import load_verified, save_verified
 from igpt import IGPT, IGPTConfig, load_checkpoint
 
 
@@ -143,7 +143,7 @@ def save_sharded(path, model, optimizer, palette=None, **extra):
         state = {"config": asdict(model.config), **extra}
         if palette is not None:
             state["palette"] = torch.as_tensor(palette, dtype=torch.float32)
-        atomic_write(os.path.join(tmp, TRAIN_STATE), lambda f: torch.save(state, f))
+        save_verified(os.path.join(tmp, TRAIN_STATE), state)  # with checksums, as a .pt checkpoint
     _barrier()  # every rank's shards are on disk
     if first:
         _swap_in(tmp, path)
@@ -176,7 +176,9 @@ def read_train_state(path):
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} is not a sharded igpt checkpoint: it has no {TRAIN_STATE} (an unfinished save "
                          "leaves a .tmp folder; the checkpoint before it is whole)")
-    state = torch.load(file, weights_only=True)
+    state = load_verified(file)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{file!r} is not the train state of a sharded igpt checkpoint: copy the folder again")
     try:
         IGPTConfig(**state["config"])
     except TypeError as e:

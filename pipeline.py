@@ -11,7 +11,8 @@ for the CIFAR-10 recipe -> finetune.
 Each stage is the matching script run with the recipe's flags (RECIPES below; `python X.py --help` explains
 them), so every result can be reproduced stage by stage by hand. Under --out (default out/RECIPE) it writes:
 
-    data/RECIPE_{tr,va,te}{X,Y}.npy, _palette.npy, _preview.png      quantize.py: tokens, palette, preview
+    data/RECIPE_{tr,va,te}{X,Y}.npy, _palette.npy, _preview.png,     quantize.py: tokens, palette, preview, and
+        _manifest.json                                                the checksums that tie them together
     train/ckpt.pt, train/log.jsonl                                    train.py: the model and its training log
     samples.png, completions.png (and .npy)                           sample.py: samples and completions
     probe/probe.json, probe/probe.png                                 probe.py: linear-probe accuracy by layer,
@@ -155,7 +156,7 @@ def main(argv=None):
             try:
                 summary = json.load(f)
             except ValueError as e:
-                summary = str(e)  # refused below, with the reason
+                summary = e
     if not isinstance(summary, dict):
         raise SystemExit(f"{summary_path} is not a summary ({summary}): move it away, or choose another --out")
     summary["recipe"] = args.recipe

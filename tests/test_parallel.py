@@ -102,6 +102,17 @@ def test_a_sharded_checkpoint_reads_back_the_weights_the_optimizer_and_the_train
     torch.testing.assert_close(weights["model"], model.state_dict(), rtol=0, atol=0)
 
 
+def test_a_sharded_checkpoints_train_state_is_verified_as_a_pt_checkpoint_is(tmp_path):
+    model, optimizer = trained(0)
+    parallel.save_sharded(str(tmp_path / "ckpt.dcp"), model, optimizer, step=7)
+    file = tmp_path / "ckpt.dcp" / parallel.TRAIN_STATE
+    damaged = bytearray(file.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    file.write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"{parallel.TRAIN_STATE}' is corrupt: .* changed since it was written"):
+        parallel.read_train_state(str(tmp_path / "ckpt.dcp"))
+
+
 @pytest.mark.parametrize("where", ["writing", "renaming"])
 def test_a_run_killed_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     path = str(tmp_path / "ckpt.dcp")
