@@ -449,19 +449,21 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def any(self, flag):
-        """Whether any process's flag is set."""
-        flags = torch.tensor([int(flag)])
+    def _largest(self, *values):
+        """Each of the integers values, the largest any process holds."""
+        flags = torch.tensor(values)
         if self.group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flags[0])
+        return flags.tolist()
+
+    def any(self, flag):
+        """Whether any process's flag is set."""
+        return bool(self._largest(int(flag))[0])
 
     def agree(self, checkpoint_due):
         """(the signal any process received, or 0; whether any process's clock says a checkpoint is due)"""
-        flags = torch.tensor([self.signal, int(checkpoint_due)])
-        if self.group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flags[0]), bool(flags[1])
+        signum, due = self._largest(self.signal, int(checkpoint_due))
+        return signum, bool(due)
 
 
 # ---- the run ----
