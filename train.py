@@ -466,6 +466,14 @@ class StopSignal:
         return signum, bool(due)
 
 
+def leave_together():
+    """The end of a run under torchrun: every rank waits for the others (rank 0 may still be writing the last
+    checkpoint), then the process group closes, so that no rank's exit finds a peer's connection gone."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- the run ----
 
 def setup_distributed(cfg):
@@ -738,10 +746,9 @@ def run(argv):
                 launcher = "torchrun ... " if world > 1 else "python "
                 print(f"train.py: stopped by {signal.Signals(stopped).name} after step {step} and wrote "
                       f"{ckpt_path}; continue with: {launcher}train.py --resume --out {cfg.out}", file=sys.stderr)
+            leave_together()
             raise SystemExit(128 + stopped)
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing the last checkpoint; leave together
-        dist.destroy_process_group()
+    leave_together()
     return {"step": step, f"{cfg.eval_split}_loss": val_loss, "accuracy": acc}
 
 
