@@ -50,7 +50,7 @@ RECIPES = {
         "probe": ["--Cs", "0.01,0.1,1,10,100", "--max_iter", "2000", "--baseline"],
     },
     # CIFAR-10 from scratch on one H100 or H200 in about 10 minutes of training: a 12-layer, 512-wide iGPT (half of
-    # iGPT-S's depth, 39M parameters) for 5,000 steps of 128 images (14 epochs of the 45,000-image train split),
+    # iGPT-S's depth, 39M parameters) for 5,700 steps of 128 images (16 epochs of the 45,000-image train split),
     # with the paper's flips and random crops (shifts of up to 2 pixels); the completions show a test image of each
     # class; the probe's C grid reaches past the C the features choose, and the paper's joined layers beside the
     # table. Then a fine-tuning of that model with a classifier beside the generative loss (the paper's joint
@@ -58,8 +58,8 @@ RECIPES = {
     "cifar10": {
         "quantize": ["{source}:train", "--test", "{source}:test", "--download", "data"],
         "train": ["--n_layer", "12", "--n_embd", "512", "--n_head", "8", "--batch_size", "128",
-                  "--micro_batch_size", "128", "--max_steps", "5000", "--learning_rate", "3e-3",
-                  "--warmup_steps", "200", "--eval_interval", "2500", "--log_interval", "50", "--flip",
+                  "--micro_batch_size", "128", "--max_steps", "5700", "--learning_rate", "3e-3",
+                  "--warmup_steps", "200", "--eval_interval", "2850", "--log_interval", "50", "--flip",
                   "--crop", "2"],
         "sample": ["--num_samples", "64", "--batch_size", "64"],
         "complete": ["--num_prime", "10", "--prime_classes", "--num_samples", "4", "--batch_size", "64"],
