@@ -413,7 +413,8 @@ def plot(rows, path, title="linear probe", size=(640, 400), across=()):
         d.line(pts, fill=color, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.text((x1, y0 + (0 if k == "val_acc" else 14)), k.replace("_acc", ""), fill=color, anchor="ra")
+    for name, color, x in (("test", "blue", x1), ("val", "gray", x1 - 36)):  # the key, above the plot, out of lines' way
+        d.text((x, 8), name, fill=color, anchor="ra")
     for i, (name, result, color) in enumerate(across):
         y = py(100 * result["test_acc"])
         for x in range(x0, x1, 12):

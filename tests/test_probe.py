@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from igpt import IGPT, fixed_mask, save_checkpoint
 from probe import (NotConverged, accuracy, cache_dir, extract_features, fit_logistic, layer_spec, main,
-                   parse_layers, pixel_features, probe_layer, probe_layers, standardise)
+                   parse_layers, pixel_features, plot, probe_layer, probe_layers, standardise)
 from tiny import tiny_model, tokens
 
 
@@ -247,6 +247,15 @@ def test_the_plot_draws_the_joined_layers_as_a_green_line_only_when_asked(tmp_pa
                      concat=concat)
         greens[concat] = (0, 128, 0) in {c for _, c in Image.open(out / "probe.png").getcolors(1 << 16)}
     assert greens == {None: False, "1,2": True}
+
+
+def test_the_plots_key_lies_above_the_plotting_area_where_no_line_can_cross_it(tmp_path):
+    rows = [{"layer": l, "val_acc": 0.42, "test_acc": 0.45} for l in (1, 2)]
+    plot(rows, tmp_path / "p.png", across=[("joined", {"test_acc": 0.48}, "green")])
+    img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    blue = img[..., 2].astype(int) - img[..., 0] > 100  # the test curve and its key, anti-aliased
+    assert blue[:30].any()  # the key's "test", in the title's band above the plot
+    assert not blue[30:60, 580:].any()  # and not in the plot's top right corner, which the curve does not reach
 
 # ---- the feature cache ----
 
