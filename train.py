@@ -53,17 +53,18 @@ class TrainConfig:
     # data and output
     data: str = "data/shapes"       # token files prefix: {data}_trX.npy, {data}_vaX.npy (quantize.py writes them)
     out: str = "out"                # the run's folder: ckpt.pt and log.jsonl go here
-    palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy if present
+    palette: str = ""               # palette .npy stored in the checkpoint; default {data}_palette.npy, else
+                                    # kmeans_centers.npy, where present
     flip: bool = False              # augment with horizontal flips (each row of n_px tokens reversed)
     crop: int = 0                   # augment with random crops: each image shifted up to this many pixels each
                                     # way, its edges mirrored into the gap (0: none)
     # model
-    model: str = "s"                # size preset: s, m, l, xl
+    model: str = "s"                # size preset: s, m, l, xl (a --ckpt run takes its checkpoint's sizes)
     n_px: int = 0                   # image side; 0: the data's (--dry_run without data: 32)
     n_layer: int = 0                # layers; > 0 overrides the preset's
     n_embd: int = 0                 # width; > 0 overrides the preset's (a multiple of n_head)
     n_head: int = 0                 # attention heads; > 0 overrides the preset's
-    ckpt: str = ""                  # start from this checkpoint's weights (ours or converted originals)
+    ckpt: str = ""                  # start from this checkpoint's weights and sizes (ours or converted originals)
     clf: bool = False               # fine-tune: classifier on mean-pooled final features + generative loss
     gen_weight: float = 1.0         # with --clf, loss = clf_loss + gen_weight * gen_loss
     bert: bool = False              # the BERT objective: predict masked pixels with attention both ways
@@ -77,7 +78,7 @@ class TrainConfig:
     warmup_steps: int = 500         # steps of linear warmup from 0
     beta1: float = 0.9              # Adam's first-moment decay
     beta2: float = 0.95             # Adam's second-moment decay
-    weight_decay: float = 0.0       # AdamW's, on matrices only (the paper uses none)
+    weight_decay: float = 0.0       # AdamW's, on the weight matrices and wte only (the paper uses none)
     grad_clip: float = 1.0          # max global gradient norm; 0 disables
     # evaluation, logging, checkpoints
     eval_interval: int = 1000       # steps between validation passes (each writes a checkpoint)
@@ -94,7 +95,8 @@ class TrainConfig:
     threads: int = 0                # PyTorch's CPU threads (0: $OMP_NUM_THREADS if set, else one per idle core)
     dtype: str = "bfloat16"         # autocast dtype on GPU: bfloat16 or float32 (the CPU always uses float32)
     compile: str = "auto"           # torch.compile: auto (on for GPU), on, off
-    seed: int = 1337                # seeds the initialisation, the order of the batches and the flips
+    seed: int = 1337                # seeds the initialisation, the order of the batches, the flips, crops and
+                                    # BERT masks
     fsdp: bool = False              # shard weights, gradients and optimizer state over the GPUs (FSDP2), not DDP
     activation_checkpointing: bool = False  # recompute each block in the backward: far less activation memory
     dry_run: bool = False           # print the memory a GPU needs for this configuration, and stop
@@ -106,8 +108,12 @@ CHOICES = {"model": tuple(PRESETS), "eval_split": ("va", "te"), "dtype": ("bfloa
            "compile": SWITCH}
 ALIASES = {"ckpt": ["--init_from"], "out": ["--out_dir"]}  # the earlier spellings
 RENAMED = {"init_from": "ckpt", "out_dir": "out"}  # in the train_config of checkpoints written before
-RUN_DEFINING = ("data", "palette", "flip", "crop", "model", "n_layer", "n_embd", "n_head", "ckpt", "clf", "batch_size",
-                "seed")  # what --resume may not change: the model, the data and the order of the batches
+RUN_DEFINING = ("data", "palette", "flip", "crop", "model", "n_layer", "n_embd", "n_head", "ckpt", "clf", "gen_weight",
+                "bert", "bert_mask_prob", "batch_size", "seed")  # what --resume may not change: the model, the
+# objective, the data and the order of the batches
+POSITIVE = ("max_steps", "eval_interval", "log_interval")  # integers a run divides by or counts to
+NON_NEGATIVE = ("micro_batch_size", "warmup_steps", "eval_images", "ckpt_interval", "ckpt_minutes", "grad_clip",
+                "weight_decay", "min_lr", "n_px", "n_layer", "n_embd", "n_head", "threads")
 MICRO_BATCH = 32  # the largest micro-batch chosen when --micro_batch_size is 0
 
 
@@ -115,7 +121,7 @@ def parse_config(argv=None):
     """TrainConfig from defaults, then a --config file of overrides, then command-line flags. Also returns the
     names given explicitly, so --resume can take the rest from the checkpoint."""
     parser = argument_parser(__doc__)
-    parser.add_argument("--config", default="", help="file of `name = value` overrides ('': none)")
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="file of `name = value` overrides (default: none)")
     comments = _field_comments()
     for f in fields(TrainConfig):
         help_text = f"{comments.get(f.name, '')} (default: {f.default!r})"
@@ -126,7 +132,7 @@ def parse_config(argv=None):
             parser.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), dest=f.name, type=f.type,
                                 choices=CHOICES.get(f.name), default=argparse.SUPPRESS, help=help_text)
     args = vars(parser.parse_args(argv))
-    config_file = args.pop("config")
+    config_file = args.pop("config", "")
     overrides = read_config_file(config_file) if config_file else {}
     given = {**overrides, **args}
     return TrainConfig(**given), set(given)
@@ -163,10 +169,34 @@ def read_config_file(path):
             raise SystemExit(f"{path}:{lineno}: expected `name = value` with a name from train.py --help, "
                              f"got {line!r}")
         try:
-            out[name] = ast.literal_eval(value)
+            value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise SystemExit(f"{path}:{lineno}: {value!r} is not a Python literal (quote strings)")
+        out[name] = _typed(value, known[name].type, CHOICES.get(name), f"{path}:{lineno}: {name}")
     return out
+
+
+def _typed(value, kind, choices, where):
+    """A config file's value as the field's type, as its flag would read it: an int where a float goes is widened,
+    anything else of another type or outside the field's choices is refused."""
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise SystemExit(f"{where} = {value!r}: give {'an' if kind is int else 'a'} {kind.__name__}, as its flag "
+                         "takes")
+    if choices and value not in choices:
+        raise SystemExit(f"{where} = {value!r}: choose from {', '.join(choices)}")
+    return value
+
+
+def check_ranges(cfg):
+    """Fail before any work on integers a run could not use: a zero interval, a negative count."""
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: it must be at least 1")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: it cannot be negative")
 
 
 # ---- data ----
@@ -264,6 +294,10 @@ def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
                              "checkpoint (convert.py --download SIZE --bert) or from scratch")
         if mask_prob and not mconf.bert:
             raise SystemExit(f"--bert_mask_prob is for BERT models, and {cfg.ckpt} is an autoregressive one")
+        for k in ("n_layer", "n_embd", "n_head"):
+            if getattr(cfg, k) and getattr(cfg, k) != getattr(mconf, k):
+                raise SystemExit(f"--{k} {getattr(cfg, k)}: {cfg.ckpt} is a model of {k} {getattr(mconf, k)}, "
+                                 "which a run from its weights keeps; drop the flag")
         if mconf.n_px != n_px:
             raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
                              f"{n_px}x{n_px}")
@@ -396,7 +430,11 @@ def resumed_config(cfg, given, resume_state, ckpt_path):
     """The TrainConfig a --resume continues with: the checkpoint's, with the options given now that may change
     (such as --max_steps or --learning_rate); one that would change the model, the data or the order of the
     batches (RUN_DEFINING) is refused."""
-    saved = {RENAMED.get(k, k): v for k, v in resume_state.get("train_config", {}).items()}
+    missing = [k for k in ("train_config", "step", "data_position", "rng") if k not in resume_state]
+    if missing:
+        raise SystemExit(f"{ckpt_path} holds a model but no training state (no {', '.join(missing)}): start a new run "
+                         f"from its weights with --ckpt {ckpt_path} and another --out")
+    saved = {RENAMED.get(k, k): v for k, v in resume_state["train_config"].items()}
     unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise SystemExit(f"{ckpt_path} was trained with options this train.py does not know ({unknown}): resume it "
@@ -505,6 +543,7 @@ def main(argv=None):
 def run(argv):
     """main's work: the run of argv's options, from its checkpoint when resuming, to its last evaluation."""
     cfg, given = parse_config(argv)
+    check_ranges(cfg)
     rank, world, device = setup_distributed(cfg)
     set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     master = rank == 0
@@ -554,10 +593,10 @@ def run(argv):
 
     # model
     torch.manual_seed(cfg.seed)
-    if cfg.eval_only and not cfg.ckpt:
-        if resume_state is None:
-            raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
+    if cfg.eval_only and resume_state is not None:  # the run's own weights, not those it started from
         cfg.ckpt = resume_path
+    elif cfg.eval_only and not cfg.ckpt:
+        raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
     model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes, lambda c: check_memory(cfg, c, world, device))
     # the tokens mean the colours of the palette they were made with: the data's, --palette's, the checkpoints'
     n_vocab = model.config.n_vocab
@@ -618,6 +657,7 @@ def run(argv):
         if step >= cfg.max_steps:
             log(f"{resume_path} is at step {step}, the run's --max_steps {cfg.max_steps}: nothing to train; give a "
                 "larger --max_steps to train on")
+            leave_together()
             return {"step": step, f"{cfg.eval_split}_loss": None, "accuracy": None}
 
     if cfg.clf:
@@ -628,12 +668,17 @@ def run(argv):
     if ddp:
         model = parallel.replicate(model, device)
 
-    if master:
+    # A run started over with --force keeps its records here until its first checkpoint replaces the old run's, so
+    # the folder never holds one run's checkpoint beside another's log (which --resume would continue).
+    pending = [] if resume_state is None and resume_path is not None else None
+    if master and pending is None:
         keep = kept_log_lines(log_path, step) if resume_state is not None else []
         atomic_write(log_path, lambda f: f.writelines(line.encode() for line in keep))
 
     def write_log(record):
-        if master:
+        if pending is not None:
+            pending.append(json.dumps(record) + "\n")
+        elif master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -654,6 +699,11 @@ def run(argv):
             parallel.save_sharded(ckpt_path, raw_model, optimizer, palette=palette, **state)
         elif master:
             save_checkpoint(ckpt_path, raw_model, palette=palette, optimizer=optimizer.state_dict(), **state)
+        nonlocal pending
+        if pending is not None:  # this run's checkpoint now stands in the old one's place: so does its log
+            if master:
+                atomic_write(log_path, lambda f: f.writelines(line.encode() for line in pending))
+            pending = None
         other = os.path.join(cfg.out, "ckpt.pt" if cfg.fsdp else "ckpt.dcp")
         if master and os.path.isdir(other):  # the checkpoint of the run this one started over with --force
             shutil.rmtree(other)

@@ -341,6 +341,18 @@ def test_eval_only_reports_the_mean_loss_of_the_split(tmp_path):
         assert result["loss"] == pytest.approx(model(x)[1].item(), rel=1e-5)
 
 
+def test_eval_only_with_resume_evaluates_the_runs_weights_not_those_it_started_from(tmp_path):
+    prefix = write_tokens(tmp_path)
+    small = [*TINY, "--batch_size", 8, "--micro_batch_size", 8]
+    run("--data", prefix, "--out", tmp_path / "a", *small, "--max_steps", 1, "--eval_interval", 1)
+    run("--data", prefix, "--out", tmp_path / "b", *small, "--ckpt", tmp_path / "a" / "ckpt.pt", "--max_steps", 4,
+        "--eval_interval", 4)
+    of = lambda ckpt: run("--eval_only", "--ckpt", ckpt, "--data", prefix)["loss"]
+    resumed = run("--eval_only", "--resume", "--out", tmp_path / "b")["loss"]
+    assert resumed == pytest.approx(of(tmp_path / "b" / "ckpt.pt"), rel=1e-6)
+    assert resumed != pytest.approx(of(tmp_path / "a" / "ckpt.pt"), rel=1e-3)
+
+
 def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
     prefix = write_tokens(tmp_path)
     args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
@@ -352,6 +364,26 @@ def test_an_existing_run_is_not_overwritten_without_force(tmp_path):
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
     run(*args, "--force", "--seed", 7)
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() != before
+
+
+def test_a_run_started_over_with_force_keeps_the_old_runs_log_until_its_own_first_checkpoint(tmp_path, monkeypatch):
+    prefix = write_tokens(tmp_path)
+    args = ["--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--micro_batch_size", 8,
+            "--max_steps", 2, "--eval_interval", 2]
+    run(*args)
+    old_log, old_ckpt = (tmp_path / "o" / "log.jsonl").read_text(), (tmp_path / "o" / "ckpt.pt").read_bytes()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", killed)  # killed as it was to write its first checkpoint
+    with pytest.raises(SystemExit) as stopped:
+        run(*args, "--force", "--seed", 7)
+    assert stopped.value.code == 130
+    assert (tmp_path / "o" / "log.jsonl").read_text() == old_log  # beside the checkpoint it belongs to
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == old_ckpt
+    monkeypatch.undo()
+    run(*args, "--force", "--seed", 7, "--max_steps", 3, "--eval_interval", 3)
+    assert sorted(losses(tmp_path / "o")) == [1, 2, 3] and (tmp_path / "o" / "log.jsonl").read_text() != old_log
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -428,6 +460,29 @@ def test_resume_refuses_a_checkpoint_of_options_it_does_not_know(tmp_path):
     save_checkpoint(path, IGPT.from_checkpoint(path), palette=ckpt["palette"], **extra)
     with pytest.raises(SystemExit, match=r"options this train\.py does not know \(\['objective'\]\)"):
         run("--resume", "--out", tmp_path / "o", "--max_steps", 2)
+
+
+def test_resume_refuses_a_checkpoint_with_weights_but_no_training_state(tmp_path):
+    (tmp_path / "o").mkdir()
+    save_checkpoint(tmp_path / "o" / "ckpt.pt", IGPT(IGPTConfig(n_px=4, n_vocab=16, n_embd=32, n_head=4, n_layer=2)))
+    with pytest.raises(SystemExit, match=r"holds a model but no training state .*: start a new run from its weights "
+                                         r"with --ckpt"):
+        run("--resume", "--out", tmp_path / "o")
+
+
+def test_resume_refuses_to_change_the_objective(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1, "--clf")
+    with pytest.raises(SystemExit, match="with its own --gen_weight 1.0; --gen_weight 0.5 would change it"):
+        run("--resume", "--out", tmp_path / "o", "--gen_weight", 0.5, "--max_steps", 2)
+
+
+def test_sizes_other_than_the_ckpts_are_refused(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "a", *TINY, "--batch_size", 8, "--max_steps", 1)
+    with pytest.raises(SystemExit, match=r"--n_embd 64: .*ckpt\.pt is a model of n_embd 32, which a run from its "
+                                         "weights keeps; drop the flag"):
+        run("--data", prefix, "--out", tmp_path / "b", *TINY, "--n_embd", 64, "--ckpt", tmp_path / "a" / "ckpt.pt")
 
 
 def test_a_resumed_run_keeps_a_log_whose_last_line_a_kill_cut_short(tmp_path):
@@ -568,6 +623,31 @@ def test_config_file_overrides_defaults_and_flags_override_the_file(tmp_path):
     cfg_file.write_text("not_an_option = 3\n")
     with pytest.raises(SystemExit, match="c.py:1"):
         train.parse_config(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("batch_size = '128'", r"c\.py:1: batch_size = '128': give an int, as its flag takes"),
+    ("flip = 1", r"c\.py:1: flip = 1: give a bool"),
+    ("eval_split = 'tr'", r"c\.py:1: eval_split = 'tr': choose from va, te"),
+])
+def test_a_config_files_value_of_the_wrong_type_or_choice_is_refused(tmp_path, line, message):
+    (tmp_path / "c.py").write_text(line + "\n")
+    with pytest.raises(SystemExit, match=message):
+        train.parse_config(["--config", str(tmp_path / "c.py")])
+
+
+def test_a_config_files_int_is_taken_where_a_float_goes():
+    assert train._typed(1, float, None, "x") == 1.0 and type(train._typed(1, float, None, "x")) is float
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--log_interval", 0, "--log_interval 0: it must be at least 1"),
+    ("--eval_interval", 0, "--eval_interval 0: it must be at least 1"),
+    ("--eval_images", -1, "--eval_images -1: it cannot be negative"),
+])
+def test_intervals_and_counts_a_run_cannot_use_are_refused_before_any_work(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        run("--data", tmp_path / "missing", "--out", tmp_path / "o", flag, value)
 
 
 def test_help_lists_every_option_with_its_default():
