@@ -217,7 +217,8 @@ def atomic_write(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes its file private (0600)
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+        with open(tmp, "wb") as f:  # by name: f.name serves a writer that takes a path (safetensors' save_file)
             write(f)
             f.flush()
             os.fsync(f.fileno())

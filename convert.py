@@ -33,7 +33,7 @@ import torch
 
 import parallel
 from igpt import IGPT, IGPTConfig, save_checkpoint
-from common import Progress, argument_parser, log, script, write_json
+from common import Progress, argument_parser, atomic_write, log, script, write_json
 from data import fetch
 from palette import load_palette
 from tf_checkpoint import TFCheckpoint
@@ -206,7 +206,8 @@ def igpt_to_hf(model, folder, force=False, palette=None):
         raise ValueError(f"the palette has {len(palette)} colours but the model has n_vocab={c.n_vocab}")
     transformers, save_file = _require("transformers"), _require("safetensors.torch").save_file
     path = os.path.join(folder, "model.safetensors")
-    _refuse_overwrite(path, force)
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+        _refuse_overwrite(os.path.join(folder, name), force)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     hf = {"transformer.wte.weight": torch.cat([sd["wte.weight"], sd["sos"][None]]),
           "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.g"],
@@ -224,8 +225,11 @@ def igpt_to_hf(model, folder, force=False, palette=None):
         activation_function="quick_gelu", layer_norm_epsilon=1e-5, tie_word_embeddings=False,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the original trains without dropout
         architectures=["ImageGPTForCausalImageModeling"])
-    config.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in hf.items()}, path, metadata={"format": "pt"})
+    # each file atomically, so an export cut short leaves no half-written file: the weights go by name into
+    # atomic_write's temp file, which it then flushes and renames
+    atomic_write(path, lambda f: save_file({k: v.contiguous() for k, v in hf.items()}, f.name,
+                                           metadata={"format": "pt"}))
+    write_json(os.path.join(folder, "config.json"), config.to_dict())
     if palette is None:
         log(f"note: the model has no palette, so {folder} has no preprocessor_config.json: pass --palette NPY")
         return

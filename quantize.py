@@ -94,6 +94,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.val_frac < 1:
         p.error("--val_frac must lie in [0, 1)")
+    if not 1 <= args.k <= 65536:
+        p.error(f"--k {args.k}: a palette holds 1 to 65536 colours (tokens are uint16)")
+    for name in ("iters", "n_px", "num_images"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: it must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: it cannot be negative (0: one per CPU)")
     return args
 
 

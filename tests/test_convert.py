@@ -2,6 +2,7 @@
 downloading. The TF fixture is tf_fixtures'."""
 import http.server
 import io
+import os
 import re
 import threading
 
@@ -170,6 +171,28 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         igpt_to_hf(model, tmp_path / "hf")
     torch.testing.assert_close(hf_to_igpt(tmp_path / "hf").state_dict(), model.state_dict())  # round trip
+
+
+def test_hf_export_overwrites_none_of_its_files_without_force(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"config\.json exists; pass --force"):
+        igpt_to_hf(tiny_model(), tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json"]
+    igpt_to_hf(tiny_model(), tmp_path / "hf", force=True)
+    assert (tmp_path / "hf" / "config.json").read_text() != "{}"
+
+
+def test_an_hf_export_cut_short_leaves_no_half_written_weights(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def cut_short(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        igpt_to_hf(tiny_model(), tmp_path / "hf")
+    assert os.listdir(tmp_path / "hf") == []
 
 
 def test_hf_export_of_a_bert_model_is_refused(tmp_path):

@@ -100,6 +100,18 @@ def test_cli_names_a_missing_source_without_a_traceback(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "--k 0: a palette holds 1 to 65536 colours"),
+    (["--k", "70000"], "--k 70000: a palette holds 1 to 65536 colours"),
+    (["--n_px", "0"], "--n_px 0: it must be at least 1"),
+])
+def test_cli_refuses_sizes_no_palette_or_image_can_have_before_reading_anything(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as refused:
+        quantize.main(["shapes", "--num_images", "20", "--out", str(tmp_path / "d"), *flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d_trX.npy")
+
+
 def test_cli_downloads_cifar(tmp_path, cifar_server, monkeypatch):
     url, md5 = cifar_server
     monkeypatch.setitem(data.CIFAR, "cifar10", (url, md5, "cifar-10-batches-py"))
