@@ -1,7 +1,8 @@
 """
-The helpers every script shares: logging and progress lines on stderr, choosing the device and the CPU threads,
-writing files atomically, files that verify themselves (checksums inside torch.save's zip), image grids as PNG,
-and the command-line conventions.
+The helpers every script shares: notes and progress lines on stderr (a script's results, and train.py's step lines,
+which are its results as it goes, on stdout), choosing the device and the CPU threads, writing files atomically,
+files that verify themselves (checksums inside torch.save's zip), image grids as PNG, and the command-line
+conventions.
 
 Every script spells its options with underscores and lists each with its default in --help; --device is auto
 (the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto

@@ -137,7 +137,7 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
             copies.start(features(xb, layers, mask=mask)[:n], i)
         if progress and (time.time() - last > 10 or i + n == len(X)):
             last = time.time()
-            print(f"{progress}: {i + n}/{len(X)} images, {(i + n) / (last - t0):.0f} images/s", flush=True)
+            log(f"{progress}: {i + n}/{len(X)} images, {(i + n) / (last - t0):.0f} images/s")
     if copies is not None:
         copies.finish()
     return out
@@ -433,7 +433,7 @@ def main(argv=None):
     p.add_argument("--Cs", default=DEFAULT_CS, metavar="C,C,...",
                    help="inverse regularisation strengths to choose from on va, as scikit-learn's C")
     p.add_argument("--out", default="out/probe", help="folder for probe.json, probe.png and the feature cache")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="images a forward pass")
+    p.add_argument("--batch_size", type=int, default=256, help="images a forward pass")
     p.add_argument("--concat", default="", help="also probe these layers' features joined end to end (e.g. "
                    "6,9,12 or 8-12; '': no)")
     p.add_argument("--baseline", action="store_true", help="also probe the raw quantized pixels (each pixel's "
@@ -441,7 +441,7 @@ def main(argv=None):
     add_device_options(p, compile_what="the feature pass")
     p.add_argument("--bert_masks", type=int, default=1, help="BERT models: the fixed masks each va and te image is "
                    "read under, the mode of their predictions counting (the paper's ensemble: 5)")
-    p.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--max_iter", type=int, default=1000, help="L-BFGS iterations per fit")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
                    "the mean objective is at most this")
     p.add_argument("--force", action="store_true", help="overwrite probe.json and probe.png of an earlier run")
