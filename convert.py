@@ -40,7 +40,7 @@ from tf_checkpoint import TFCheckpoint
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/image-gpt"
 STEPS = (131000, 262000, 524000, 1000000)  # the released training steps
-SPLITS = ("trX", "trY", "vaX", "vaY", "teX", "teY")
+DATASET_FILES = ("trX", "trY", "vaX", "vaY", "teX", "teY")  # a released dataset: {name}_{file}.npy
 
 
 # ---- the original variables -> igpt.py ----
@@ -262,8 +262,8 @@ def download_release(model, step, folder, palette=False, dataset=None, base_url=
         fetch(url + ckpt.shard_path(i)[len(prefix):], ckpt.shard_path(i))
     if palette:
         fetch(f"{base_url}/color-clusters/kmeans_centers.npy", os.path.join(folder, "kmeans_centers.npy"))
-    for split in SPLITS if dataset else ():
-        fetch(f"{base_url}/datasets/{dataset}_{split}.npy", os.path.join(folder, f"{dataset}_{split}.npy"))
+    for name in DATASET_FILES if dataset else ():
+        fetch(f"{base_url}/datasets/{dataset}_{name}.npy", os.path.join(folder, f"{dataset}_{name}.npy"))
     return prefix
 
 

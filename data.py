@@ -493,7 +493,7 @@ def load_tokens(prefix, split):
     return x, y.astype(np.int64)
 
 
-def set_palette(prefix):
+def tokens_palette(prefix):
     """The palette of the token files `prefix` (palette.find_palette; checked against the set's manifest) as
     (path, float32 [k, 3]), or (None, None) when there is none."""
     path = find_palette(prefix)

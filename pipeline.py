@@ -152,13 +152,14 @@ def main(argv=None):
     summary_path = os.path.join(out, "summary.json")
     summary = {}
     if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            try:
+        try:
+            with open(summary_path) as f:
                 summary = json.load(f)
-            except ValueError as e:
-                summary = e
-    if not isinstance(summary, dict):
-        raise SystemExit(f"{summary_path} is not a summary ({summary}): move it away, or choose another --out")
+        except ValueError as e:
+            raise SystemExit(f"{summary_path} is not a summary ({e}): move it away, or choose another --out")
+        if not isinstance(summary, dict):
+            raise SystemExit(f"{summary_path} is not a summary (not a JSON object): move it away, or choose "
+                             "another --out")
     summary["recipe"] = args.recipe
     for stage in stages:
         argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device, args.threads,

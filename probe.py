@@ -56,7 +56,7 @@ from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
 from common import (add_device_options, argument_parser, atomic_write, default_device, log, resolve_device,
                     script, set_threads, switch, write_json)
-from data import SPLITS, load_tokens, save_npy, set_palette
+from data import SPLITS, load_tokens, save_npy, tokens_palette
 from palette import one_palette
 
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
@@ -187,7 +187,7 @@ def cache_dir(ckpt, data, out_dir):
     return folder
 
 
-def cached_features(model, X, split, layers, folder, masks=1, **kwargs):
+def cached_feature_paths(model, X, split, layers, folder, masks=1, **kwargs):
     """Paths of the features of each layer of one split, a list per layer of one path per mask (masks of them for a
     BERT model, else one), extracting in one pass per mask those not yet in `folder`."""
     names = [f"_mask{k}" for k in range(masks)] if model.config.bert else [""]
@@ -326,7 +326,7 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     if bert_masks < 1 or (bert_masks > 1 and not model.config.bert):
         raise ValueError(f"bert_masks={bert_masks}: it must be at least 1, and above 1 only for a BERT model "
                          "(an autoregressive one reads every image whole)")
-    palette = one_palette(set_palette(data), (ckpt, model.palette), n_vocab=model.config.n_vocab)
+    palette = one_palette(tokens_palette(data), (ckpt, model.palette), n_vocab=model.config.n_vocab)
     if baseline and palette is None:
         raise FileNotFoundError(f"the pixel baseline needs the palette the tokens index: {ckpt} holds none "
                                 f"and {data}_palette.npy is missing")
@@ -338,7 +338,7 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     splits = {split: load_split(data, split) for split in SPLITS}
     folder = cache_dir(ckpt, data, out)
     compile = switch("auto", device) if compile is None else compile
-    paths = {split: cached_features(model, X, split, sorted({*layers, *joined}), folder,
+    paths = {split: cached_feature_paths(model, X, split, sorted({*layers, *joined}), folder,
                                     1 if split == "tr" else bert_masks,
                                     batch_size=batch_size, device=device, compile=compile)
              for split, (X, _) in splits.items()}

@@ -22,7 +22,7 @@ import torch
 
 from common import (Progress, add_generation_options, argument_parser, generation_dtype, generation_fast,
                     resolve_device, save_grid, script, set_threads, switch)
-from data import TOKEN_FILE, load_images, load_tokens, save_npy, set_palette
+from data import TOKEN_FILE, load_images, load_tokens, save_npy, tokens_palette
 from engine import Engine
 from igpt import IGPT
 from palette import decode, encode, model_palette, one_palette
@@ -72,7 +72,7 @@ def load_prime(source, palette, n_px, n_vocab, count, by_class=False):
     token_file = TOKEN_FILE.fullmatch(source)
     token_file = token_file if token_file and token_file[3] == "X" else None
     if token_file:  # a split of a set: its manifest, its palette, its labels in any of the released forms
-        one_palette(set_palette(token_file[1]), ("the model", palette))
+        one_palette(tokens_palette(token_file[1]), ("the model", palette))
         tokens, labels = load_tokens(token_file[1], token_file[2])
     else:
         tokens, labels = np.load(source, mmap_mode="r"), None

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import parallel
 from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, resolve_device, script, set_threads,
                     switch)
-from data import load_tokens, set_palette
+from data import load_tokens, tokens_palette
 from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint, weights_mismatch
 from palette import load_palette, one_palette
 
@@ -286,7 +286,7 @@ def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
     is built."""
     if cfg.ckpt:
         ckpt = parallel.load_weights(cfg.ckpt)
-        mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
+        mask_prob = mask_prob_override(cfg)
         mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"],
                               **mask_prob})
         if cfg.bert and not mconf.bert:
@@ -313,11 +313,16 @@ def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
     return IGPT(config), None
 
 
+def mask_prob_override(cfg):
+    """The config field --bert_mask_prob sets, when given (> 0): {} leaves the checkpoint's or the default."""
+    return {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
+
+
 def preset_config(cfg, n_px, n_vocab, n_classes):
     """The config of --model with the size overrides and the objective."""
     if cfg.model not in PRESETS:
         raise SystemExit(f"--model {cfg.model!r} is not one of {sorted(PRESETS)}")
-    mask_prob = {"bert_mask_prob": cfg.bert_mask_prob} if cfg.bert_mask_prob else {}
+    mask_prob = mask_prob_override(cfg)
     if mask_prob and not cfg.bert:
         raise SystemExit("--bert_mask_prob is for BERT models: add --bert")
     sizes = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
@@ -388,7 +393,7 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
     under its fixed_mask, the same in every run, so validation losses compare between runs."""
     model.eval()
     n = len(X) if not max_images else min(max_images, len(X))
-    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
     end = -(-n // (world * micro_batch_size)) * world * micro_batch_size  # as many forwards on every rank
     for start in range(rank * micro_batch_size, end, world * micro_batch_size):
         idx = np.arange(start, min(start + micro_batch_size, n))
@@ -401,15 +406,15 @@ def evaluate(model, X, Y, micro_batch_size, autocast, device, rank=0, world=1, m
             if model.clf is not None and Y is not None:
                 clf_logits, loss = model.classify(x, mask)
                 y = to_device(torch.from_numpy(np.asarray(Y[idx])), device)
-                loss_sum[1] += (clf_logits[:len(idx)].argmax(-1) == y).sum()
+                totals[1] += (clf_logits[:len(idx)].argmax(-1) == y).sum()
             else:
                 loss = model(x, mask=mask)[1]
-        loss_sum[0] += loss.double() * len(idx)
-        loss_sum[2] += len(idx)
+        totals[0] += loss.double() * len(idx)
+        totals[2] += len(idx)
     if world > 1:
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(totals)
     model.train()
-    loss, correct, count = loss_sum.tolist()
+    loss, correct, count = totals.tolist()
     return loss / count, (correct / count if model.clf is not None and Y is not None else None)
 
 
@@ -581,7 +586,7 @@ def run(argv):
         raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
     if not 0 <= cfg.crop < n_px:
         raise SystemExit(f"--crop {cfg.crop}: a shift must lie in 0..{n_px - 1} for {n_px}x{n_px} images")
-    palettes = [set_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
+    palettes = [tokens_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
     palette = one_palette(*palettes)
     n_vocab = len(palette) if palette is not None else 512
     if cfg.clf:

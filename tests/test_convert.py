@@ -329,7 +329,7 @@ def test_download_resumes_skips_complete_files_then_converts(tmp_path, server, c
         handler.files[f"/checkpoints/igpt-s/1000000/{f.name}"] = f.read_bytes()
     palette = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
     handler.files["/color-clusters/kmeans_centers.npy"] = npy_bytes(palette)
-    for split in convert.SPLITS:
+    for split in convert.DATASET_FILES:
         handler.files[f"/datasets/cifar10_{split}.npy"] = npy_bytes(np.arange(6) + len(split))
     folder = tmp_path / "release"
     folder.mkdir()

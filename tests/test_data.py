@@ -9,7 +9,7 @@ from PIL import Image
 
 import data
 from data import (SHAPE_COLOURS, SHAPES, begin_set, check_set, download_cifar, finish_set, holdout, load_images,
-                  load_tokens, make_shapes, set_palette, to_rgb)
+                  load_tokens, make_shapes, tokens_palette, to_rgb)
 from fake_cifar import cifar_batch, write_cifar10
 from traps import CreatesAFile
 
@@ -359,7 +359,7 @@ def test_the_files_of_a_set_are_read_only_together(tmp_path):
     prefix = str(tmp_path / "d")
     write_set(prefix)
     assert load_tokens(prefix, "tr")[1].tolist() == [0, 1, 2]
-    path, palette = set_palette(prefix)
+    path, palette = tokens_palette(prefix)
     assert path == prefix + "_palette.npy" and np.array_equal(palette, np.zeros((16, 3), np.float32))
     np.save(prefix + "_trY.npy", np.array([2, 1, 0]))  # the same size, other bytes
     with pytest.raises(ValueError, match=r"d_trY\.npy is not the file .*d_manifest\.json lists"):
@@ -373,7 +373,7 @@ def test_the_files_of_a_set_are_read_only_together(tmp_path):
         with pytest.raises(ValueError, match="did not finish"):
             load_tokens(prefix, split)
     with pytest.raises(ValueError, match="did not finish"):
-        set_palette(prefix)
+        tokens_palette(prefix)
 
 
 def test_files_without_a_manifest_are_read_as_they_are(tmp_path):

@@ -99,6 +99,14 @@ def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_pat
     assert (out / "samples.png").exists() and np.load(out / "samples.npy").shape == (2, 16)
 
 
+@pytest.mark.parametrize("text, why", [("{not json", "Expecting property name"), ("[1, 2]", "not a JSON object")])
+def test_a_summary_that_is_not_one_is_refused_and_kept(tiny, tmp_path, text, why):
+    (tmp_path / "summary.json").write_text(text)
+    with pytest.raises(SystemExit, match=f"summary.json is not a summary \\({why}.*move it away"):
+        tiny("--out", tmp_path, "--stages", "quantize")
+    assert os.listdir(tmp_path) == ["summary.json"] and (tmp_path / "summary.json").read_text() == text
+
+
 def test_a_recipe_that_reads_a_dataset_names_the_missing_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--recipe", "cifar10", "--source", str(tmp_path / "nope.zip"), "--out", str(tmp_path)])
