@@ -457,6 +457,21 @@ def save_npy(path, array):
     atomic_write(path, lambda f: np.save(f, array))
 
 
+def check_tokens(X, name, n_vocab, block_size=None):
+    """Fail in one line (ValueError) on token images [N, T] a model cannot read: T other than its block_size, or
+    values outside its palette of n_vocab colours. name says where they came from."""
+    if X.ndim != 2 or (block_size is not None and X.shape[1] != block_size):
+        n_px = math.isqrt(block_size) if block_size else None
+        raise ValueError(f"{name}: token images of shape {list(X.shape)}, but the model reads [N, {block_size}] "
+                         f"({n_px}x{n_px}); quantize the data at n_px={n_px}" if block_size else
+                         f"{name}: token images are [N, n_px*n_px], got shape {list(X.shape)}")
+    if len(X):
+        lo, hi = int(X.min()), int(X.max())
+        if lo < 0 or hi >= n_vocab:
+            raise ValueError(f"{name}: token values span {lo}..{hi} but the palette has {n_vocab} colours "
+                             f"(0..{n_vocab - 1}); were these files made with another palette?")
+
+
 def load_tokens(prefix, split):
     """Token files {prefix}_{split}X.npy (memory-mapped, integer [N, n_px*n_px]) and {prefix}_{split}Y.npy if it
     exists (integer labels [N] or [N, 1], or one-hot [N, classes] -> int64 [N], else None); split is tr, va or te.

@@ -56,7 +56,7 @@ from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
 from common import (add_device_options, argument_parser, atomic_write, default_device, log, resolve_device,
                     script, set_threads, switch, write_json)
-from data import SPLITS, load_tokens, save_npy, tokens_palette
+from data import SPLITS, check_tokens, load_tokens, save_npy, tokens_palette
 from palette import one_palette
 
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
@@ -107,12 +107,7 @@ def extract_features(model, X, layers, batch_size=256, device=None, compile=Fals
     next block's norm and with the pooling (the last batch is padded to full size so no shape recompiles).
     progress: a label to print progress (images/s) under."""
     c = model.config
-    if X.ndim != 2 or X.shape[1] != c.block_size:
-        raise ValueError(f"token images of shape {tuple(X.shape)} do not fit the model, which reads "
-                         f"{c.n_px}x{c.n_px} = {c.block_size} tokens an image: quantize the data at n_px={c.n_px}")
-    if len(X) and (X.min() < 0 or X.max() >= c.n_vocab):
-        raise ValueError(f"token values lie in {int(X.min())}..{int(X.max())}, outside the model's palette "
-                         f"0..{c.n_vocab - 1}: were the data quantized with this model's palette?")
+    check_tokens(X, "the probe's images", c.n_vocab, c.block_size)
     device = torch.device(device or default_device())
     model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     if device.type == "cuda":

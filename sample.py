@@ -22,7 +22,7 @@ import torch
 
 from common import (Progress, add_generation_options, argument_parser, generation_dtype, generation_fast,
                     resolve_device, save_grid, script, set_threads, switch)
-from data import TOKEN_FILE, load_images, load_tokens, save_npy, tokens_palette
+from data import TOKEN_FILE, check_tokens, load_images, load_tokens, save_npy, tokens_palette
 from engine import Engine
 from igpt import IGPT
 from palette import decode, encode, model_palette, one_palette
@@ -76,19 +76,16 @@ def load_prime(source, palette, n_px, n_vocab, count, by_class=False):
         tokens, labels = load_tokens(token_file[1], token_file[2])
     else:
         tokens, labels = np.load(source, mmap_mode="r"), None
-    if tokens.ndim != 2 or tokens.shape[1] != n_px * n_px or not np.issubdtype(tokens.dtype, np.integer):
-        raise SystemExit(f"--prime {source!r}: expected integer tokens [N, {n_px * n_px}] for this "
-                         f"{n_px}x{n_px} model, got {tokens.dtype} {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise SystemExit(f"--prime {source!r}: expected integer tokens, got {tokens.dtype}")
+    check_tokens(tokens, f"--prime {source!r}", n_vocab, n_px * n_px)
     if by_class:
         if labels is None:
             labels_path = f"{token_file[1]}_{token_file[2]}Y.npy" if token_file else ""
             raise SystemExit(f"--prime_classes needs the labels of {source}: "
                              f"{labels_path or 'a {prefix}_teY.npy beside a {prefix}_teX.npy'} is missing")
         tokens = tokens[classes_in_turn(labels, count)]
-    tokens = np.asarray(tokens[:count], dtype=np.int64)
-    if tokens.size and (tokens.max() >= n_vocab or tokens.min() < 0):
-        raise SystemExit(f"--prime {source!r}: token values must lie in 0..{n_vocab - 1}")
-    return tokens
+    return np.asarray(tokens[:count], dtype=np.int64)
 
 
 def classes_in_turn(labels, count):

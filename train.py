@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import parallel
 from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, resolve_device, script, set_threads,
                     switch)
-from data import load_tokens, tokens_palette
+from data import check_tokens, load_tokens, tokens_palette
 from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint, weights_mismatch
 from palette import load_palette, one_palette
 
@@ -200,17 +200,6 @@ def check_ranges(cfg):
 
 
 # ---- data ----
-
-def check_tokens(X, name, n_vocab, block_size=None):
-    """Fail clearly on token files that do not fit the model: wrong length or values outside the palette."""
-    if block_size is not None and X.shape[1] != block_size:
-        raise SystemExit(f"{name}: images are {X.shape[1]} tokens long but the model expects {block_size} "
-                         f"(n_px={math.isqrt(block_size)}); quantize the data at the model's n_px")
-    hi, lo = int(X.max()), int(X.min())
-    if hi >= n_vocab or lo < 0:
-        raise SystemExit(f"{name}: token values span {lo}..{hi} but the palette has {n_vocab} colours "
-                         "(0..{}); were these files made with another palette?".format(n_vocab - 1))
-
 
 class Batches:
     """Global batches of image indices: each epoch a permutation seeded by (seed, epoch), taken in order.

@@ -390,3 +390,13 @@ def test_holdout_is_seeded_and_disjoint():
     assert len(va) == 10 and len(tr) == 90 and not set(tr) & set(va)
     assert sorted(np.concatenate([tr, va])) == list(range(100))
     assert np.array_equal(va, holdout(100, 0.1, seed=0)[1]) and not np.array_equal(va, holdout(100, 0.1, 1)[1])
+
+
+def test_check_tokens_names_the_source_and_what_does_not_fit():
+    data.check_tokens(np.zeros((0, 16), np.uint16), "empty", 4, 16)  # no image: nothing out of range
+    data.check_tokens(np.full((2, 16), 3, np.uint16), "ok", 4, 16)
+    with pytest.raises(ValueError, match=r"^x\.npy: token images of shape \[2, 9\], but the model reads \[N, 16\] "
+                                         r"\(4x4\); quantize the data at n_px=4$"):
+        data.check_tokens(np.zeros((2, 9), np.uint16), "x.npy", 4, 16)
+    with pytest.raises(ValueError, match=r"^x\.npy: token values span 0\.\.4 but the palette has 4 colours \(0\.\.3\)"):
+        data.check_tokens(np.array([[0, 4]]), "x.npy", 4)

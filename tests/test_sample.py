@@ -142,8 +142,8 @@ def test_a_palette_of_the_wrong_size_is_refused(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("prime, message", [
-    (np.zeros((2, 9), np.uint16), r"expected integer tokens \[N, 16\] for this 4x4 model"),
-    (np.full((2, 16), 16, np.uint16), r"token values must lie in 0..15"),
+    (np.zeros((2, 9), np.uint16), r"token images of shape \[2, 9\], but the model reads \[N, 16\] \(4x4\)"),
+    (np.full((2, 16), 16, np.uint16), r"token values span 16..16 but the palette has 16 colours \(0..15\)"),
     (np.zeros((2, 16), np.float32), r"expected integer tokens"),
 ])
 def test_bad_prime_tokens_are_refused(ckpt, tmp_path, prime, message):
