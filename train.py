@@ -201,6 +201,29 @@ def check_ranges(cfg):
 
 # ---- data ----
 
+def load_data(cfg):
+    """The run's data: (X_tr, Y_tr, X_va, Y_va, n_px, palettes, n_classes). The training split is not read for
+    --eval_only (X_tr, Y_tr None), labels are None where their file is missing; palettes are the (path, palette)
+    pairs of the data and of --palette, for one_palette to check against each other and the checkpoints';
+    n_classes is 0 without --clf."""
+    X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
+    X_va, Y_va = load_tokens(cfg.data, cfg.eval_split)
+    n_px = math.isqrt(X_va.shape[1])
+    if n_px * n_px != X_va.shape[1]:
+        raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
+    if cfg.n_px and cfg.n_px != n_px:
+        raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
+    if not 0 <= cfg.crop < n_px:
+        raise SystemExit(f"--crop {cfg.crop}: a shift must lie in 0..{n_px - 1} for {n_px}x{n_px} images")
+    palettes = [tokens_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
+    n_classes = 0
+    if cfg.clf:
+        if Y_tr is None and not cfg.eval_only:
+            raise SystemExit(f"--clf needs labels: {cfg.data}_trY.npy is missing")
+        n_classes = int(max(Y_tr.max() if Y_tr is not None else 0, Y_va.max() if Y_va is not None else 0)) + 1
+    return X_tr, Y_tr, X_va, Y_va, n_px, palettes, n_classes
+
+
 class Batches:
     """Global batches of image indices: each epoch a permutation seeded by (seed, epoch), taken in order.
     The position (epoch, cursor) is all the state there is, so a resumed run sees the same batches."""
@@ -441,6 +464,27 @@ def resumed_config(cfg, given, resume_state, ckpt_path):
     return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
 
 
+def open_run(cfg, given, log_path):
+    """The run's folder as the options find it: (cfg, resume_state, resume_path). With --resume, the checkpoint's
+    state and the options it continues under (resumed_config); without, the path of a checkpoint already there
+    (None if none), which only --force or --eval_only may pass over."""
+    resume_state, resume_path = None, parallel.find_checkpoint(cfg.out)  # ckpt.pt, or the folder ckpt.dcp
+    if cfg.resume:
+        if resume_path is None:
+            raise SystemExit(f"--resume: no checkpoint in {cfg.out} (ckpt.pt, or ckpt.dcp from --fsdp)")
+        sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
+        resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
+        cfg = resumed_config(cfg, given, resume_state, resume_path)
+        if sharded != cfg.fsdp:
+            raise SystemExit(f"{resume_path} was written {'with' if sharded else 'without'} --fsdp: resume it so "
+                             "(or start a new run from its weights with --ckpt)")
+    elif not cfg.eval_only and not cfg.force and (resume_path is not None or os.path.exists(log_path)):
+        raise SystemExit(f"{cfg.out} holds a run ({resume_path or log_path}): pass --resume to continue it, or "
+                         "--force to start over (the old checkpoint is replaced only when the new run writes its "
+                         "first one)")
+    return cfg, resume_state, resume_path
+
+
 def kept_log_lines(log_path, step):
     """The lines of log.jsonl up to `step` (a resumed run drops those of the steps its checkpoint did not keep,
     and a line cut short by a kill)."""
@@ -547,43 +591,14 @@ def run(argv):
         cfg.micro_batch_size = micro_batch(cfg, world)
         return dry_run(cfg, world, device, log)
 
-    resume_state, resume_path = None, parallel.find_checkpoint(cfg.out)  # ckpt.pt, or the folder ckpt.dcp
-    if cfg.resume:
-        if resume_path is None:
-            raise SystemExit(f"--resume: no checkpoint in {cfg.out} (ckpt.pt, or ckpt.dcp from --fsdp)")
-        sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
-        resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
-        cfg = resumed_config(cfg, given, resume_state, resume_path)
-        if sharded != cfg.fsdp:
-            raise SystemExit(f"{resume_path} was written {'with' if sharded else 'without'} --fsdp: resume it so "
-                             "(or start a new run from its weights with --ckpt)")
-    elif not cfg.eval_only and not cfg.force and (resume_path is not None or os.path.exists(log_path)):
-        raise SystemExit(f"{cfg.out} holds a run ({resume_path or log_path}): pass --resume to continue it, or "
-                         "--force to start over (the old checkpoint is replaced only when the new run writes its "
-                         "first one)")
+    cfg, resume_state, resume_path = open_run(cfg, given, log_path)
     ckpt_path = os.path.join(cfg.out, "ckpt.dcp" if cfg.fsdp else "ckpt.pt")
     if not cfg.eval_only:
         cfg.micro_batch_size = micro_batch(cfg, world)
 
-    # data
-    X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
-    X_va, Y_va = load_tokens(cfg.data, cfg.eval_split)
-    n_px = math.isqrt(X_va.shape[1])
-    if n_px * n_px != X_va.shape[1]:
-        raise SystemExit(f"{cfg.data}: images of {X_va.shape[1]} tokens are not square")
-    if cfg.n_px and cfg.n_px != n_px:
-        raise SystemExit(f"--n_px {cfg.n_px}, but {cfg.data} holds {n_px}x{n_px} images")
-    if not 0 <= cfg.crop < n_px:
-        raise SystemExit(f"--crop {cfg.crop}: a shift must lie in 0..{n_px - 1} for {n_px}x{n_px} images")
-    palettes = [tokens_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
+    X_tr, Y_tr, X_va, Y_va, n_px, palettes, n_classes = load_data(cfg)
     palette = one_palette(*palettes)
     n_vocab = len(palette) if palette is not None else 512
-    if cfg.clf:
-        if Y_tr is None and not cfg.eval_only:
-            raise SystemExit(f"--clf needs labels: {cfg.data}_trY.npy is missing")
-        n_classes = int(max(Y_tr.max() if Y_tr is not None else 0, Y_va.max() if Y_va is not None else 0)) + 1
-    else:
-        n_classes = 0
 
     # model
     torch.manual_seed(cfg.seed)
