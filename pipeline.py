@@ -160,6 +160,9 @@ def main(argv=None):
         if not isinstance(summary, dict):
             raise SystemExit(f"{summary_path} is not a summary (not a JSON object): move it away, or choose "
                              "another --out")
+    if summary.get("recipe", args.recipe) != args.recipe:  # its figures are another recipe's, not to be mixed in
+        raise SystemExit(f"{out} holds a run of the {summary['recipe']} recipe: choose another --out for "
+                         f"{args.recipe}")
     summary["recipe"] = args.recipe
     for stage in stages:
         argv_stage = stage_args(args.recipe, stage, out, args.source, args.force, args.device, args.threads,

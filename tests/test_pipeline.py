@@ -107,6 +107,13 @@ def test_a_summary_that_is_not_one_is_refused_and_kept(tiny, tmp_path, text, why
     assert os.listdir(tmp_path) == ["summary.json"] and (tmp_path / "summary.json").read_text() == text
 
 
+def test_a_folder_of_another_recipes_run_is_refused(tiny, tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"recipe": "shapes", "train": {"wall_seconds": 1.0}}))
+    with pytest.raises(SystemExit, match="holds a run of the shapes recipe: choose another --out for tiny"):
+        tiny("--out", tmp_path, "--stages", "quantize")
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
 def test_a_recipe_that_reads_a_dataset_names_the_missing_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--recipe", "cifar10", "--source", str(tmp_path / "nope.zip"), "--out", str(tmp_path)])
