@@ -460,11 +460,12 @@ def save_npy(path, array):
 def check_tokens(X, name, n_vocab, block_size=None):
     """Fail in one line (ValueError) on token images [N, T] a model cannot read: T other than its block_size, or
     values outside its palette of n_vocab colours. name says where they came from."""
-    if X.ndim != 2 or (block_size is not None and X.shape[1] != block_size):
-        n_px = math.isqrt(block_size) if block_size else None
+    if block_size is not None and (X.ndim != 2 or X.shape[1] != block_size):
+        n_px = math.isqrt(block_size)
         raise ValueError(f"{name}: token images of shape {list(X.shape)}, but the model reads [N, {block_size}] "
-                         f"({n_px}x{n_px}); quantize the data at n_px={n_px}" if block_size else
-                         f"{name}: token images are [N, n_px*n_px], got shape {list(X.shape)}")
+                         f"({n_px}x{n_px}); quantize the data at n_px={n_px}")
+    if X.ndim != 2:
+        raise ValueError(f"{name}: token images are [N, n_px*n_px], got shape {list(X.shape)}")
     if len(X):
         lo, hi = int(X.min()), int(X.max())
         if lo < 0 or hi >= n_vocab:

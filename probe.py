@@ -410,7 +410,7 @@ def plot(rows, path, title="linear probe", size=(640, 400), across=()):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
     for name, color, x in (("test", "blue", x1), ("val", "gray", x1 - 36)):  # the key, above the plot, out of lines' way
         d.text((x, 8), name, fill=color, anchor="ra")
-    for i, (name, result, color) in enumerate(across):
+    for name, result, color in across:
         y = py(100 * result["test_acc"])
         for x in range(x0, x1, 12):
             d.line([(x, y), (min(x + 6, x1), y)], fill=color, width=2)

@@ -680,9 +680,12 @@ def run(argv):
     # A run started over with --force keeps its records here until its first checkpoint replaces the old run's, so
     # the folder never holds one run's checkpoint beside another's log (which --resume would continue).
     pending = [] if resume_state is None and resume_path is not None else None
+
+    def rewrite_log(lines):
+        atomic_write(log_path, lambda f: f.writelines(line.encode() for line in lines))
+
     if master and pending is None:
-        keep = kept_log_lines(log_path, step) if resume_state is not None else []
-        atomic_write(log_path, lambda f: f.writelines(line.encode() for line in keep))
+        rewrite_log(kept_log_lines(log_path, step) if resume_state is not None else [])
 
     def write_log(record):
         if pending is not None:
@@ -711,7 +714,7 @@ def run(argv):
         nonlocal pending
         if pending is not None:  # this run's checkpoint now stands in the old one's place: so does its log
             if master:
-                atomic_write(log_path, lambda f: f.writelines(line.encode() for line in pending))
+                rewrite_log(pending)
             pending = None
         other = os.path.join(cfg.out, "ckpt.pt" if cfg.fsdp else "ckpt.dcp")
         if master and os.path.isdir(other):  # the checkpoint of the run this one started over with --force
