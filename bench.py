@@ -791,11 +791,11 @@ def _sampling_model(size):
 
 def _generation_bytes(model, batch_size):
     """Bytes a whole generation must read at the least: at each step the cached prefix (k and v, bf16) and the
-    weights once."""
+    weights once, but the embedding tables, of which a step reads a row."""
     c = model.config
     T = c.block_size
     per_position = c.n_layer * 2 * c.n_embd * 2 * batch_size
-    return sum(range(1, T + 1)) * per_position + T * model.get_num_params() * 2
+    return sum(range(1, T + 1)) * per_position + T * model.get_num_params(non_embedding=True) * 2
 
 
 def read_bandwidth():

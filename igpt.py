@@ -180,8 +180,13 @@ class IGPT(nn.Module):
         if self.clf is not None:
             nn.init.zeros_(self.clf.weight)
 
-    def get_num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def get_num_params(self, non_embedding=False) -> int:
+        """The parameter count; non_embedding=True leaves out the tables read a row at a time (wte, wpe, sos),
+        which cost no multiplies."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel() + (0 if self.sos is None else self.sos.numel())
+        return n
 
     def embed(self, tokens, mask=None):
         """Inputs to the first block, + wpe: [sos, wte[x_0], ..., wte[x_{T-2}]], so position i predicts x_i; or for
@@ -332,12 +337,13 @@ class IGPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self) -> float:
-        """Training FLOPs (forward + backward) per token: 6 per parameter, plus 12 per layer, width and key attended
-        for the attention's two products (q.k and the weighted sum of v). A BERT position attends to all T keys; a
-        causal one to (T + 1) / 2 on average, flash attention skipping the masked half."""
+        """Training FLOPs (forward + backward) per token: 6 per parameter but the embedding tables (a lookup
+        multiplies nothing), plus 12 per layer, width and key attended for the attention's two products (q.k and
+        the weighted sum of v). A BERT position attends to all T keys; a causal one to (T + 1) / 2 on average, flash
+        attention skipping the masked half."""
         c = self.config
         keys = c.block_size if c.bert else (c.block_size + 1) / 2
-        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_embd * keys
+        return 6 * self.get_num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * keys
 
     def estimate_mfu(self, images_per_second, peak_flops=989e12):
         """Model FLOPs utilisation against a peak rate (default: H100 SXM dense bf16)."""

@@ -179,7 +179,9 @@ def main(argv=None):
         if stage in summary:
             figures = {k: v for k, v in summary[stage].items() if k not in ("argv", "test_acc_by_layer")}
             print(f"{stage:>9}: {json.dumps(figures)}")
-    print(f"{'total':>9}: {sum(summary[s]['wall_seconds'] for s in STAGES if s in summary):.0f} s")
+    total = sum(summary[s]["wall_seconds"] for s in STAGES if s in summary)
+    this_call = sum(summary[s]["wall_seconds"] for s in stages)
+    print(f"{'total':>9}: {total:.0f} s" + (f" (this call's stages: {this_call:.0f} s)" if this_call != total else ""))
     return summary
 
 

@@ -99,6 +99,16 @@ def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_pat
     assert (out / "samples.png").exists() and np.load(out / "samples.npy").shape == (2, 16)
 
 
+def test_a_rerun_ends_with_the_runs_total_and_its_own_stages_time(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny("--out", out)
+    capsys.readouterr()
+    again = tiny("--out", out, "--stages", "sample", "--force")
+    total = sum(again[s]["wall_seconds"] for s in pipeline.STAGES if s in again)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"    total: {total:.0f} s (this call's stages: {again['sample']['wall_seconds']:.0f} s)"
+
+
 @pytest.mark.parametrize("text, why", [("{not json", "Expecting property name"), ("[1, 2]", "not a JSON object")])
 def test_a_summary_that_is_not_one_is_refused_and_kept(tiny, tmp_path, text, why):
     (tmp_path / "summary.json").write_text(text)
