@@ -333,9 +333,10 @@ def describe(config, estimate, micro_batch_size, world=1, fsdp=False, activation
 
 
 def fit_error(config, capacity, micro_batch_size, world=1, fsdp=False, activation_checkpointing=False,
-              compute_bytes=2):
+              compute_bytes=2, batch_size=None):
     """None when the estimate fits in capacity bytes, else the one-line error to show: the parts, and the changes
-    that would fit (activation checkpointing, the largest micro-batch, the fewest GPUs under FSDP)."""
+    that would fit (activation checkpointing, the largest micro-batch, of those that divide each process's share
+    of batch_size when it is given, the fewest GPUs under FSDP)."""
     setup = dict(world=world, fsdp=fsdp, activation_checkpointing=activation_checkpointing)
 
     def total(micro=micro_batch_size, **change):
@@ -350,6 +351,8 @@ def fit_error(config, capacity, micro_batch_size, world=1, fsdp=False, activatio
         fixes.append(f"--activation_checkpointing ({gb(total(activation_checkpointing=True))})")
     per_image = estimate["activations"] / micro_batch_size  # the rest does not grow with the micro-batch
     micro = int((capacity - estimate["total"] + estimate["activations"]) // per_image)
+    if batch_size is not None:  # train.py takes only a micro-batch that divides each process's share
+        micro = max((m for m in range(1, micro + 1) if (batch_size // world) % m == 0), default=0)
     if micro >= 1:
         fixes.append(f"--micro_batch_size {micro} ({gb(total(micro))})")
     for ac in dict.fromkeys([activation_checkpointing, True]):  # the fewest GPUs to shard over, if need be

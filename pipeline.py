@@ -73,6 +73,7 @@ SCRIPTS = {"quantize": quantize, "train": train, "evaluate": train, "sample": sa
            "probe": probe, "finetune": train}  # each stage runs SCRIPT.main(argv), in this process
 STAGES = tuple(SCRIPTS)
 OPTIONAL = ("finetune",)  # run only for the recipes that give them flags
+UPSTREAM = ("quantize", "train")  # what every later stage reads: a rerun makes the later stages' figures stale
 
 
 def recipe_stages(recipe):
@@ -172,6 +173,12 @@ def main(argv=None):
         result = SCRIPTS[stage].main(argv_stage)
         summary[stage] = {**summarise(stage, result), "wall_seconds": round(time.time() - t0, 1),
                           "argv": argv_stage}
+        stale = [later for later in STAGES[STAGES.index(stage) + 1:] if later in summary] if stage in UPSTREAM else []
+        for later in stale:
+            del summary[later]
+        if stale:
+            print(f"== dropped from the summary, as made from the {stage} stage's earlier output: "
+                  f"{', '.join(stale)}", flush=True)
         # after every stage, so a run cut short keeps its figures
         write_json(summary_path, summary)
     print(f"== done: {summary_path}")

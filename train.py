@@ -24,6 +24,7 @@ ends, naming the last good checkpoint.
 import argparse
 import ast
 import inspect
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import shutil
 import signal
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -113,7 +115,7 @@ RUN_DEFINING = ("data", "palette", "flip", "crop", "model", "n_layer", "n_embd",
 # objective, the data and the order of the batches
 POSITIVE = ("max_steps", "eval_interval", "log_interval")  # integers a run divides by or counts to
 NON_NEGATIVE = ("micro_batch_size", "warmup_steps", "eval_images", "ckpt_interval", "ckpt_minutes", "grad_clip",
-                "weight_decay", "min_lr", "n_px", "n_layer", "n_embd", "n_head", "threads")
+                "weight_decay", "min_lr", "gen_weight", "n_px", "n_layer", "n_embd", "n_head", "threads", "seed")
 MICRO_BATCH = 32  # the largest micro-batch chosen when --micro_batch_size is 0
 
 
@@ -161,7 +163,7 @@ def read_config_file(path):
     known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for lineno, line in enumerate(open(path), 1):
-        line = line.split("#", 1)[0].strip()
+        line = _without_comment(line).strip()
         if not line:
             continue
         name, eq, value = (s.strip() for s in line.partition("="))
@@ -174,6 +176,17 @@ def read_config_file(path):
             raise SystemExit(f"{path}:{lineno}: {value!r} is not a Python literal (quote strings)")
         out[name] = _typed(value, known[name].type, CHOICES.get(name), f"{path}:{lineno}: {name}")
     return out
+
+
+def _without_comment(line):
+    """The line up to its # comment, if it has one; a # inside a quoted string is not one."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line).readline):
+            if token.type == tokenize.COMMENT:
+                return line[:token.start[1]]
+    except (tokenize.TokenError, SyntaxError):  # an unclosed quote: the value's check says so
+        pass
+    return line
 
 
 def _typed(value, kind, choices, where):
@@ -189,14 +202,29 @@ def _typed(value, kind, choices, where):
     return value
 
 
-def check_ranges(cfg):
-    """Fail before any work on integers a run could not use: a zero interval, a negative count."""
+def check_ranges(cfg, given=()):
+    """Fail before any work on values a run could not use: a zero interval, a negative count, a rate that is not a
+    finite number in its range, --gen_weight without --clf (given: the options named explicitly)."""
+    for f in fields(TrainConfig):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            raise SystemExit(f"--{f.name} {getattr(cfg, f.name)}: give a finite number")
     for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             raise SystemExit(f"--{name} {getattr(cfg, name)}: it must be at least 1")
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise SystemExit(f"--{name} {getattr(cfg, name)}: it cannot be negative")
+    if cfg.learning_rate <= 0:
+        raise SystemExit(f"--learning_rate {cfg.learning_rate}: it must be above 0")
+    if cfg.min_lr > cfg.learning_rate:
+        raise SystemExit(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}: the cosine decays "
+                         "from the peak down to --min_lr")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: Adam's decay rates lie in [0, 1)")
+    if "gen_weight" in given and not (cfg.clf or cfg.resume):  # a resumed run's --clf is its checkpoint's
+        raise SystemExit("--gen_weight weighs the generative loss beside the classifier of --clf: add --clf, or "
+                         "drop the flag")
 
 
 # ---- data ----
@@ -205,7 +233,7 @@ def load_data(cfg):
     """The run's data: (X_tr, Y_tr, X_va, Y_va, n_px, palettes, n_classes). The training split is not read for
     --eval_only (X_tr, Y_tr None), labels are None where their file is missing; palettes are the (path, palette)
     pairs of the data and of --palette, for one_palette to check against each other and the checkpoints';
-    n_classes is 0 without --clf."""
+    n_classes is the labels' count for a --clf training run, else 0."""
     X_tr, Y_tr = (None, None) if cfg.eval_only else load_tokens(cfg.data, "tr")
     X_va, Y_va = load_tokens(cfg.data, cfg.eval_split)
     n_px = math.isqrt(X_va.shape[1])
@@ -217,10 +245,10 @@ def load_data(cfg):
         raise SystemExit(f"--crop {cfg.crop}: a shift must lie in 0..{n_px - 1} for {n_px}x{n_px} images")
     palettes = [tokens_palette(cfg.data), (cfg.palette, load_palette(cfg.palette) if cfg.palette else None)]
     n_classes = 0
-    if cfg.clf:
-        if Y_tr is None and not cfg.eval_only:
+    if cfg.clf and not cfg.eval_only:  # an evaluated model keeps the classes it was fine-tuned on
+        if Y_tr is None:
             raise SystemExit(f"--clf needs labels: {cfg.data}_trY.npy is missing")
-        n_classes = int(max(Y_tr.max() if Y_tr is not None else 0, Y_va.max() if Y_va is not None else 0)) + 1
+        n_classes = int(max(Y_tr.max(), Y_va.max() if Y_va is not None else 0)) + 1
     return X_tr, Y_tr, X_va, Y_va, n_px, palettes, n_classes
 
 
@@ -292,37 +320,50 @@ def training_masks(config, seed, step, batch_size):
 
 # ---- model ----
 
-def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None):
-    """A fresh model from the preset (and overrides), or the --ckpt checkpoint's weights (a .pt or the folder of an
-    --fsdp run; its objective with it). fits(config) runs first, so a model that cannot fit is refused before it
-    is built."""
-    if cfg.ckpt:
-        ckpt = parallel.load_weights(cfg.ckpt)
-        mask_prob = mask_prob_override(cfg)
-        mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes if cfg.clf else ckpt["config"]["n_classes"],
-                              **mask_prob})
-        if cfg.bert and not mconf.bert:
-            raise SystemExit(f"--bert: {cfg.ckpt} is an autoregressive model; a BERT run starts from a BERT "
-                             "checkpoint (convert.py --download SIZE --bert) or from scratch")
-        if mask_prob and not mconf.bert:
-            raise SystemExit(f"--bert_mask_prob is for BERT models, and {cfg.ckpt} is an autoregressive one")
-        for k in ("n_layer", "n_embd", "n_head"):
-            if getattr(cfg, k) and getattr(cfg, k) != getattr(mconf, k):
-                raise SystemExit(f"--{k} {getattr(cfg, k)}: {cfg.ckpt} is a model of {k} {getattr(mconf, k)}, "
-                                 "which a run from its weights keeps; drop the flag")
-        if mconf.n_px != n_px:
-            raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
-                             f"{n_px}x{n_px}")
-        fits(mconf)
-        model = IGPT(mconf)
-        mismatch = weights_mismatch(model, ckpt["model"], optional={"clf.weight"} if cfg.clf else ())
-        if mismatch:
-            raise SystemExit(f"{cfg.ckpt}: the weights do not fit the model of its config: {mismatch}")
-        model.load_state_dict(ckpt["model"], strict=False)
-        return model, ckpt.get("palette")
-    config = preset_config(cfg, n_px, n_vocab, n_classes)
-    fits(config)
-    return IGPT(config), None
+def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None, resume_config=None):
+    """The run's model: when resuming, the one its checkpoint's config describes (the weights are read later;
+    the --ckpt file it started from is not needed again); else the --ckpt checkpoint's weights (a .pt or the
+    folder of an --fsdp run; its objective with it) or a fresh one from the preset and overrides. n_classes:
+    the classifier's, from the data, for a --clf run (a run without --clf drops a checkpoint's classifier;
+    --eval_only keeps it). fits(config) runs first, so a model that cannot fit is refused before it is built.
+    Returns (model, the checkpoint's palette or None)."""
+    if resume_config is not None:
+        config = IGPTConfig(**resume_config)
+        fits(config)
+        return IGPT(config), None
+    if not cfg.ckpt:
+        config = preset_config(cfg, n_px, n_vocab, n_classes)
+        fits(config)
+        return IGPT(config), None
+    ckpt = parallel.load_weights(cfg.ckpt)
+    mask_prob = mask_prob_override(cfg)
+    if cfg.eval_only:  # scored as it is: with its own classifier, if it has one
+        n_classes = ckpt["config"]["n_classes"]
+        if cfg.clf and not n_classes:
+            raise SystemExit(f"--eval_only --clf: {cfg.ckpt} has no classifier to score; fine-tune one first "
+                             f"(train.py --clf --ckpt {cfg.ckpt}), or drop --clf")
+    mconf = IGPTConfig(**{**ckpt["config"], "n_classes": n_classes, **mask_prob})
+    if cfg.bert and not mconf.bert:
+        raise SystemExit(f"--bert: {cfg.ckpt} is an autoregressive model; a BERT run starts from a BERT "
+                         "checkpoint (convert.py --download SIZE --bert) or from scratch")
+    if mask_prob and not mconf.bert:
+        raise SystemExit(f"--bert_mask_prob is for BERT models, and {cfg.ckpt} is an autoregressive one")
+    for k in ("n_layer", "n_embd", "n_head"):
+        if getattr(cfg, k) and getattr(cfg, k) != getattr(mconf, k):
+            raise SystemExit(f"--{k} {getattr(cfg, k)}: {cfg.ckpt} is a model of {k} {getattr(mconf, k)}, "
+                             "which a run from its weights keeps; drop the flag")
+    if mconf.n_px != n_px:
+        raise SystemExit(f"{cfg.ckpt} is a model of {mconf.n_px}x{mconf.n_px} images but the data has "
+                         f"{n_px}x{n_px}")
+    fits(mconf)
+    model = IGPT(mconf)
+    # a new classifier starts from zeros; a model without one leaves the checkpoint's out
+    weights = {k: v for k, v in ckpt["model"].items() if k != "clf.weight" or mconf.n_classes}
+    mismatch = weights_mismatch(model, weights, optional={"clf.weight"} if cfg.clf else ())
+    if mismatch:
+        raise SystemExit(f"{cfg.ckpt}: the weights do not fit the model of its config: {mismatch}")
+    model.load_state_dict(weights, strict=False)
+    return model, ckpt.get("palette")
 
 
 def mask_prob_override(cfg):
@@ -352,24 +393,30 @@ def check_memory(cfg, config, world, device):
     if device.type != "cuda" or cfg.eval_only or not cfg.memory_check:
         return
     error = parallel.fit_error(config, torch.cuda.get_device_properties(device).total_memory, cfg.micro_batch_size,
-                               world, cfg.fsdp, cfg.activation_checkpointing, compute_bytes(cfg))
+                               world, cfg.fsdp, cfg.activation_checkpointing, compute_bytes(cfg), cfg.batch_size)
     if error:
         raise SystemExit(f"{error} (it is an estimate: --no-memory_check tries the run anyway)")
 
 
 def dry_run(cfg, world, device, log):
-    """--dry_run: the memory per GPU that the preset (and overrides) needs at --n_px (else the data's, else 32),
-    with this run's options and number of processes, and whether it fits this GPU. Returns the estimate."""
-    n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
-    if not n_px:
-        n_px = math.isqrt(np.load(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
-    config = preset_config(cfg, n_px, 512, 0)
+    """--dry_run: the memory per GPU that the run's model needs (the --resume checkpoint's, or --ckpt's, else the
+    preset and overrides at --n_px, else the data's, else 32), with this run's options and number of processes,
+    and whether it fits this GPU. Returns the estimate."""
+    source = checkpoint_to_resume(cfg.out) if cfg.resume else cfg.ckpt
+    if source:  # only its config is used: of a sharded run's folder, the shards are not read
+        state = parallel.read_train_state(source) if os.path.isdir(source) else load_checkpoint(source)
+        config = IGPTConfig(**state["config"])
+    else:
+        n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
+        if not n_px:
+            n_px = math.isqrt(np.load(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
+        config = preset_config(cfg, n_px, 512, 0)
     setup = (cfg.micro_batch_size, world, cfg.fsdp, cfg.activation_checkpointing)
     estimate = parallel.memory_estimate(config, *setup, compute_bytes(cfg))
     log(parallel.describe(config, estimate, *setup))
     if device.type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory
-        error = parallel.fit_error(config, capacity, *setup, compute_bytes(cfg))
+        error = parallel.fit_error(config, capacity, *setup, compute_bytes(cfg), cfg.batch_size)
         log(error or f"fits {device}'s {capacity / 1e9:.1f} GB")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -464,14 +511,21 @@ def resumed_config(cfg, given, resume_state, ckpt_path):
     return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
 
 
+def checkpoint_to_resume(out):
+    """The checkpoint --resume continues in the folder out: ckpt.pt, or the folder ckpt.dcp of an --fsdp run."""
+    path = parallel.find_checkpoint(out)
+    if path is None:
+        raise SystemExit(f"--resume: no checkpoint in {out} (ckpt.pt, or ckpt.dcp from --fsdp)")
+    return path
+
+
 def open_run(cfg, given, log_path):
     """The run's folder as the options find it: (cfg, resume_state, resume_path). With --resume, the checkpoint's
     state and the options it continues under (resumed_config); without, the path of a checkpoint already there
     (None if none), which only --force or --eval_only may pass over."""
     resume_state, resume_path = None, parallel.find_checkpoint(cfg.out)  # ckpt.pt, or the folder ckpt.dcp
     if cfg.resume:
-        if resume_path is None:
-            raise SystemExit(f"--resume: no checkpoint in {cfg.out} (ckpt.pt, or ckpt.dcp from --fsdp)")
+        resume_path = checkpoint_to_resume(cfg.out)
         sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
         resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
         cfg = resumed_config(cfg, given, resume_state, resume_path)
@@ -581,7 +635,7 @@ def main(argv=None):
 def run(argv):
     """main's work: the run of argv's options, from its checkpoint when resuming, to its last evaluation."""
     cfg, given = parse_config(argv)
-    check_ranges(cfg)
+    check_ranges(cfg, given)
     rank, world, device = setup_distributed(cfg)
     set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     master = rank == 0
@@ -606,7 +660,9 @@ def run(argv):
         cfg.ckpt = resume_path
     elif cfg.eval_only and not cfg.ckpt:
         raise SystemExit("--eval_only needs --ckpt CHECKPOINT (or --resume)")
-    model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes, lambda c: check_memory(cfg, c, world, device))
+    model, ckpt_palette = build_model(cfg, n_px, n_vocab, n_classes, lambda c: check_memory(cfg, c, world, device),
+                                      resume_state["config"] if resume_state is not None and not cfg.eval_only
+                                      else None)
     # the tokens mean the colours of the palette they were made with: the data's, --palette's, the checkpoints'
     n_vocab = model.config.n_vocab
     palette = one_palette(*palettes, (cfg.ckpt, ckpt_palette),
@@ -653,10 +709,14 @@ def run(argv):
                                                device.type)  # after shard(), which makes the parameters DTensors
     step, batches, saved_step = 0, Batches(len(X_tr), cfg.batch_size, cfg.seed), None
     if resume_state is not None:
+        # Adam's moments come from the checkpoint, its betas and weight decay from this call's options
+        options = [{k: group[k] for k in ("betas", "weight_decay")} for group in optimizer.param_groups]
         if cfg.fsdp:
             parallel.load_sharded(resume_path, raw_model, optimizer)
         else:
             optimizer.load_state_dict(resume_state["optimizer"])
+        for group, given_now in zip(optimizer.param_groups, options):
+            group.update(given_now)
         step = saved_step = resume_state["step"]
         batches = Batches(len(X_tr), cfg.batch_size, cfg.seed, **resume_state["data_position"])
         torch.set_rng_state(resume_state["rng"]["cpu"])

@@ -232,6 +232,16 @@ def test_ddp_of_igpt_xl_on_80_gb_is_refused_with_the_numbers_and_a_setup_that_fi
     assert parallel.fit_error(xl, 80e9, micro_batch_size=8, world=8, fsdp=True) is None
 
 
+def test_the_micro_batch_suggested_divides_each_processs_share_of_the_batch():
+    long = IGPTConfig.preset("l", n_px=64)
+    largest = max(m for m in range(1, 33) if parallel.memory_estimate(long, m)["total"] <= 141e9)
+    share = 12  # images a process, of a batch of 24 on 2
+    expected = max(m for m in range(1, largest + 1) if share % m == 0)
+    assert expected < largest  # else the batch would not matter
+    error = parallel.fit_error(long, 141e9, micro_batch_size=32, world=2, batch_size=2 * share)
+    assert f"--micro_batch_size {expected} (" in error
+
+
 def test_a_run_short_of_activation_memory_is_told_the_largest_micro_batch_and_checkpointing():
     long = IGPTConfig.preset("l", n_px=64)
     error = parallel.fit_error(long, 141e9, micro_batch_size=32)

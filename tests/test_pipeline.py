@@ -99,6 +99,14 @@ def test_rerunning_a_stage_needs_force_and_keeps_the_other_figures(tiny, tmp_pat
     assert (out / "samples.png").exists() and np.load(out / "samples.npy").shape == (2, 16)
 
 
+def test_retraining_drops_the_figures_made_from_the_earlier_model(tiny, tmp_path):
+    out = tmp_path / "run"
+    tiny("--out", out)
+    again = tiny("--out", out, "--stages", "train", "--force")
+    assert list(again) == ["recipe", "quantize", "train"]
+    assert list(json.load(open(out / "summary.json"))) == ["recipe", "quantize", "train"]
+
+
 def test_a_rerun_ends_with_the_runs_total_and_its_own_stages_time(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     tiny("--out", out)

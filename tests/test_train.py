@@ -217,6 +217,17 @@ def test_dry_run_prints_the_memory_a_gpu_needs_without_data_and_stops(tmp_path, 
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_dry_run_estimates_the_model_of_the_checkpoint_it_would_start_from_or_resume(tmp_path, capsys):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
+    config = IGPT.from_checkpoint(tmp_path / "o" / "ckpt.pt").config
+    expected = parallel.memory_estimate(config, 8, world=1, fsdp=False, activation_checkpointing=False,
+                                        compute_bytes=2)
+    assert run("--dry_run", "--ckpt", tmp_path / "o" / "ckpt.pt", "--micro_batch_size", 8) == expected
+    assert run("--dry_run", "--resume", "--out", tmp_path / "o", "--micro_batch_size", 8) == expected
+    assert "(2 layers of width 32)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("n_px", [48, 64])
 def test_images_of_48_and_64_pixels_train_with_checkpointed_activations(tmp_path, n_px):
     prefix = write_tokens(tmp_path, n=4, n_px=n_px)
@@ -450,6 +461,49 @@ def test_resume_refuses_options_that_would_change_the_run_and_says_when_it_is_do
     assert run("--resume", "--out", tmp_path / "o", "--max_steps", 3)["step"] == 3
 
 
+def test_a_resumed_run_trains_with_the_adam_options_given_now(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
+    run("--resume", "--out", tmp_path / "o", "--max_steps", 2, "--beta2", 0.99, "--weight_decay", 0.1)
+    groups = load_checkpoint(tmp_path / "o" / "ckpt.pt")["optimizer"]["param_groups"]
+    assert [(tuple(g["betas"]), g["weight_decay"]) for g in groups] == [((0.9, 0.99), 0.1), ((0.9, 0.99), 0.0)]
+
+
+def test_a_run_started_from_a_checkpoint_resumes_without_that_file(tmp_path):
+    prefix = write_tokens(tmp_path)
+    small = [*TINY, "--batch_size", 8, "--micro_batch_size", 8]
+    run("--data", prefix, "--out", tmp_path / "a", *small, "--max_steps", 1)
+    run("--data", prefix, "--out", tmp_path / "b", *small, "--ckpt", tmp_path / "a" / "ckpt.pt", "--clf",
+        "--max_steps", 2, "--eval_interval", 2)
+    shutil.rmtree(tmp_path / "a")
+    assert run("--resume", "--out", tmp_path / "b", "--max_steps", 3)["step"] == 3
+
+
+def test_a_run_from_a_fine_tuned_checkpoint_without_clf_drops_its_classifier(tmp_path):
+    prefix = write_tokens(tmp_path)
+    small = [*TINY, "--batch_size", 8, "--micro_batch_size", 8, "--max_steps", 1]
+    run("--data", prefix, "--out", tmp_path / "ft", *small, "--clf")
+    run("--data", prefix, "--out", tmp_path / "gen", *small, "--ckpt", tmp_path / "ft" / "ckpt.pt")
+    model = IGPT.from_checkpoint(tmp_path / "gen" / "ckpt.pt")
+    assert model.config.n_classes == 0 and model.clf is None  # so DDP finds no weight without a gradient
+
+
+def test_eval_only_scores_a_fine_tuned_model_with_its_own_classes_whatever_the_split_holds(tmp_path):
+    prefix = write_tokens(tmp_path)  # labels 0..2
+    run("--data", prefix, "--out", tmp_path / "ft", *TINY, "--batch_size", 8, "--max_steps", 1, "--clf")
+    np.save(f"{prefix}_vaY.npy", np.zeros(32, dtype=np.int64))  # a split of one class
+    result = run("--eval_only", "--resume", "--out", tmp_path / "ft", "--data", prefix)
+    assert result["accuracy"] is not None
+
+
+def test_eval_only_with_clf_refuses_a_model_without_a_classifier(tmp_path):
+    prefix = write_tokens(tmp_path)
+    run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
+    with pytest.raises(SystemExit, match=r"--eval_only --clf: .*ckpt\.pt has no classifier to score; fine-tune one "
+                                         r"first \(train\.py --clf --ckpt .*\), or drop --clf"):
+        run("--eval_only", "--clf", "--ckpt", tmp_path / "o" / "ckpt.pt", "--data", prefix)
+
+
 def test_resume_refuses_a_checkpoint_of_options_it_does_not_know(tmp_path):
     prefix = write_tokens(tmp_path)
     run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
@@ -636,6 +690,11 @@ def test_a_config_files_value_of_the_wrong_type_or_choice_is_refused(tmp_path, l
         train.parse_config(["--config", str(tmp_path / "c.py")])
 
 
+def test_a_hash_inside_a_config_files_quoted_value_is_not_a_comment(tmp_path):
+    (tmp_path / "c.py").write_text("out = 'runs/#1'  # the first\n")
+    assert train.parse_config(["--config", str(tmp_path / "c.py")])[0].out == "runs/#1"
+
+
 def test_a_config_files_int_is_taken_where_a_float_goes():
     assert train._typed(1, float, None, "x") == 1.0 and type(train._typed(1, float, None, "x")) is float
 
@@ -644,10 +703,22 @@ def test_a_config_files_int_is_taken_where_a_float_goes():
     ("--log_interval", 0, "--log_interval 0: it must be at least 1"),
     ("--eval_interval", 0, "--eval_interval 0: it must be at least 1"),
     ("--eval_images", -1, "--eval_images -1: it cannot be negative"),
+    ("--seed", -1, "--seed -1: it cannot be negative"),
+    ("--gen_weight", -5, "--gen_weight -5.0: it cannot be negative"),
+    ("--grad_clip", "nan", "--grad_clip nan: give a finite number"),
+    ("--learning_rate", -1, "--learning_rate -1.0: it must be above 0"),
+    ("--min_lr", 1, r"--min_lr 1.0 is above --learning_rate 0.003: the cosine decays from the peak down to --min_lr"),
+    ("--beta1", 1.5, r"--beta1 1.5: Adam's decay rates lie in \[0, 1\)"),
 ])
-def test_intervals_and_counts_a_run_cannot_use_are_refused_before_any_work(tmp_path, flag, value, message):
+def test_intervals_counts_and_rates_a_run_cannot_use_are_refused_before_any_work(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
-        run("--data", tmp_path / "missing", "--out", tmp_path / "o", flag, value)
+        run("--data", tmp_path / "missing", "--out", tmp_path / "o", "--clf", flag, value)
+
+
+def test_gen_weight_without_clf_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--gen_weight weighs the generative loss beside the classifier of --clf: "
+                                         "add --clf, or drop the flag"):
+        run("--data", tmp_path / "missing", "--out", tmp_path / "o", "--gen_weight", 3)
 
 
 def test_help_lists_every_option_with_its_default():
