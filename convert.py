@@ -20,12 +20,14 @@ optimizer slots and global_step are skipped. A checkpoint without model/sos is o
 A Hugging Face folder keeps the palette where HF's ImageGPTImageProcessor reads it, as the "clusters" of
 preprocessor_config.json: --to_hf writes it and --hf reads it back.
 """
+import functools
 import importlib
 import json
 import math
 import os
 import re
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -132,6 +134,28 @@ def _read_json(path):
         raise ValueError(f"{path} is not JSON ({e})") from None
 
 
+def _hf_weights(folder):
+    """The tensors of a Hugging Face folder's model.safetensors, else of its pytorch_model.bin (loaded with
+    weights_only=True); a file that cannot be read safely as a dict of tensors is a ValueError naming it."""
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        load = _require("safetensors.torch").load_file
+    elif os.path.isfile(path := os.path.join(folder, "pytorch_model.bin")):
+        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    try:
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            hf = load(path)
+    except Exception:  # torch's own message would suggest loading the file unsafely
+        hf = None
+    if not isinstance(hf, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in hf.items()):
+        raise ValueError(f"{path!r} cannot be read safely as the model's weights: it is damaged, cut short, or holds "
+                         "Python objects beyond tensors (never loaded: they could run code); download the model again")
+    return hf
+
+
 def hf_to_igpt(folder) -> IGPT:
     """An IGPT from a local Hugging Face ImageGPT folder: config.json plus model.safetensors or pytorch_model.bin
     (e.g. a copy of openai/imagegpt-small), with the palette of preprocessor_config.json as `model.palette` (None
@@ -140,6 +164,10 @@ def hf_to_igpt(folder) -> IGPT:
         raise FileNotFoundError(f"{folder} is no Hugging Face model folder (it has no config.json): give a folder "
                                 "that save_pretrained wrote, such as a download of openai/imagegpt-small")
     cfg = _read_json(os.path.join(folder, "config.json"))
+    missing = [k for k in ("n_embd", "n_positions", "vocab_size", "n_head", "n_layer") if k not in cfg]
+    if missing:
+        raise ValueError(f"{folder}/config.json lacks {', '.join(missing)}: give the config.json that save_pretrained "
+                         "wrote with the weights")
     for key, want in [("activation_function", "quick_gelu"), ("layer_norm_epsilon", 1e-5),
                       ("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)]:
         if cfg.get(key, want) != want:
@@ -151,14 +179,7 @@ def hf_to_igpt(folder) -> IGPT:
         raise ValueError(f"{folder}/config.json has n_positions={n_pos}, not a square number of pixels")
     config = IGPTConfig(n_px=math.isqrt(n_pos), n_vocab=V, n_embd=d, n_head=cfg["n_head"], n_layer=cfg["n_layer"])
 
-    path = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(path):
-        hf = _require("safetensors.torch").load_file(path)
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-    hf = {k.removeprefix("transformer."): v for k, v in hf.items()
+    hf = {k.removeprefix("transformer."): v for k, v in _hf_weights(folder).items()
           if not re.search(r"\.attn\.(masked_)?bias$", k)}  # causal-mask buffers that older versions saved
     for k, v in hf.items():
         if k.endswith(".bias") and v.any():

@@ -22,9 +22,10 @@ validation split that va holds. quantize.py writes its files as a set, {prefix}_
 finish_set): it names every file of the set with its size and crc32, and readers check the files they read against
 it (check_set), so they never mix the files of two runs, one of them cut short.
 
-No data file can run code: .npy files are read without pickles, CIFAR's pickles by an unpickler that admits only
-what the official files hold, and a zip member is refused before decompression when it declares more than
-MAX_MEMBER_BYTES.
+No data file can run code: .npy and .npz files are read without pickles (load_npy, which refuses a file holding
+pickled objects, cut short or of anything but numbers in one line naming it), CIFAR's pickles by an unpickler that
+admits only what the official files hold, and a zip member is refused before decompression when it declares more
+than MAX_MEMBER_BYTES.
 """
 import contextlib
 import hashlib
@@ -46,7 +47,7 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageOps
 
-from common import Progress, atomic_write, file_crc32, log
+from common import Progress, atomic_write, file_crc32, load_npy, log
 from palette import find_palette, load_palette
 
 CIFAR = {  # name: (official archive, its md5, the folder it unpacks to)
@@ -242,10 +243,10 @@ def _read_cifar(folder, split, n_px):
 
 def _read_npz(path, n_px):
     """Downsampled ImageNet: `data` [N, 3*n*n] uint8 channel-first, `labels` 1-based; class names are those ids."""
-    with np.load(path) as z:
-        if "data" not in z.files:
-            raise ValueError(f"{path}: expected the downsampled-ImageNet keys 'data' and 'labels', got {z.files}")
-        data, labels = z["data"], z["labels"] if "labels" in z.files else None
+    z = load_npy(path, fix="fetch the downsampled-ImageNet batch again", archive=True)
+    if "data" not in z:
+        raise ValueError(f"{path}: expected the downsampled-ImageNet keys 'data' and 'labels', got {list(z)}")
+    data, labels = z["data"], z.get("labels")
     n = math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0
     if data.dtype != np.uint8 or 3 * n * n != (data.shape[1] if data.ndim == 2 else -1):
         raise ValueError(f"{path}: 'data' must be uint8 [N, 3*n*n], got {data.dtype} {list(data.shape)}")
@@ -259,7 +260,7 @@ def _read_npz(path, n_px):
 
 
 def _read_npy(path, n_px):
-    images = np.load(path, mmap_mode="r")
+    images = load_npy(path, fix="save the images with np.save, as uint8 [N, H, W, 3]", mmap_mode="r")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
     return _resized(images, n_px), None, []
@@ -453,10 +454,6 @@ def make_shapes(n, n_px=32, seed=0):
 TOKEN_FILE = re.compile(r"(.*)_(tr|va|te)([XY])\.npy")  # {prefix}_{split}X.npy or ..Y.npy
 
 
-def save_npy(path, array):
-    atomic_write(path, lambda f: np.save(f, array))
-
-
 def check_tokens(X, name, n_vocab, block_size=None):
     """Fail in one line (ValueError) on token images [N, T] a model cannot read: T other than its block_size, or
     values outside its palette of n_vocab colours. name says where they came from."""
@@ -488,7 +485,7 @@ def load_tokens(prefix, split):
         raise FileNotFoundError(f"no token file {x_path!r}; " + (
             f"the folder {prefix} holds the prefixes {[os.path.join(prefix, p) for p in inside]}" if inside else make))
     check_set(prefix, [p for p in (x_path, y_path) if os.path.isfile(p)])
-    x = np.load(x_path, mmap_mode="r")
+    x = load_npy(x_path, mmap_mode="r")
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{x_path}: tokens must be integers [N, n_px*n_px], got {x.dtype} {list(x.shape)}")
     if len(x) == 0:
@@ -496,7 +493,7 @@ def load_tokens(prefix, split):
                                                         else "") + ": use another split, or quantize again")
     if not os.path.isfile(y_path):
         return x, None
-    y = np.load(y_path)
+    y = load_npy(y_path)
     if y.ndim == 2 and y.shape[1] == 1:  # a column of integer labels
         y = y[:, 0]
     elif y.ndim == 2 and ((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all():  # one-hot, as released

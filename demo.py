@@ -29,11 +29,11 @@ import torch
 from PIL import Image, ImageOps
 
 from common import (add_generation_options, argument_parser, generation_dtype, generation_fast, grid_image, log,
-                    resolve_device, set_threads, switch)
-from data import load_tokens, to_rgb
+                    resolve_device, script, set_threads, switch)
+from data import check_tokens, load_tokens, to_rgb, tokens_palette
 from engine import Engine
-from igpt import IGPT
-from palette import decode, encode, model_palette
+from igpt import IGPT, check_generative
+from palette import decode, encode, model_palette, one_palette
 from sample import completions_layout, kept_rows, samples_layout
 
 MAIN_JOB_CKPT = os.path.join("out", "shapes", "train", "ckpt.pt")  # what `python pipeline.py` trains
@@ -174,29 +174,29 @@ def complete(engine, palette, prime=None, rows_kept=0, n=4, temperature=1.0, top
 
 def load_model(path, palette_path=""):
     """(model, palette float32 [n_vocab, 3], its training config or {}) from a checkpoint, the palette from
-    palette_path when given; SystemExit with the fix for a missing checkpoint or palette."""
+    palette_path when given; SystemExit with the fix for a missing checkpoint or palette, or a BERT model."""
     if path == MAIN_JOB_CKPT and not os.path.isfile(path):
-        raise SystemExit(f"demo.py: no checkpoint at {path}: train the main job's model with `python pipeline.py` "
+        raise SystemExit(f"no checkpoint at {path}: train the main job's model with `python pipeline.py` "
                          "(a few minutes on a CPU), or give one with --ckpt")
     try:
         model = IGPT.from_checkpoint(path)
+        check_generative(model, path)  # now, not when Complete is first pressed
         return model, model_palette(model, palette_path, path), model.train_config
     except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"demo.py: {e}") from None
+        raise SystemExit(str(e)) from None
 
 
-def load_test_images(prefix, model, count=GALLERY):
+def load_test_images(prefix, model, palette, count=GALLERY):
     """The first `count` test images of the token files `prefix` (DATA_teX.npy), int64 tokens [N, n_px*n_px];
-    SystemExit when they do not fit the model."""
+    SystemExit naming --data when they do not fit the model or are of another palette than `palette`, the one
+    the model is drawn with (a token would be another colour in each)."""
     try:
         tokens, _ = load_tokens(prefix, "te")
+        one_palette(tokens_palette(prefix), ("the model", palette))
+        tokens = np.asarray(tokens[:count], np.int64)
+        check_tokens(tokens, f"{prefix}_teX.npy", model.config.n_vocab, model.config.block_size)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"demo.py: --data: {e}") from None
-    T, V = model.config.block_size, model.config.n_vocab
-    tokens = np.asarray(tokens[:count], np.int64)
-    if tokens.shape[1] != T or (tokens.size and tokens.max() >= V):
-        raise SystemExit(f"demo.py: --data {prefix}: its test images are {tokens.shape[1]} tokens up to "
-                         f"{tokens.max(initial=0)}, the model's {T} tokens in 0..{V - 1}")
+        raise SystemExit(f"--data: {e}") from None
     return tokens
 
 
@@ -293,7 +293,8 @@ def build_app(engine, palette, test_tokens, max_images):
 def parse_args(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--ckpt", default=MAIN_JOB_CKPT, help="checkpoint (ours, or an original converted by convert.py)")
-    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]); '': the checkpoint's")
+    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]), or a checkpoint .pt whose "
+                                                 "palette is taken; '': the --ckpt's")
     p.add_argument("--data", default="", help="token files whose test images (DATA_teX.npy) the page offers; '': "
                                               "the checkpoint's training data when its files are there")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
@@ -306,19 +307,17 @@ def parse_args(argv=None):
     return args
 
 
+@script
 def main(argv=None):
     args = parse_args(argv)
     if importlib.util.find_spec("gradio") is None:
-        raise SystemExit("demo.py needs Gradio for its page: pip install -r requirements-demo.txt")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise SystemExit(f"demo.py: {e}") from None
+        raise SystemExit("the page needs Gradio: pip install -r requirements-demo.txt")
+    device = resolve_device(args.device)
     set_threads(args.threads)
     model, palette, train_config = load_model(args.ckpt, args.palette)
     data = args.data or train_config.get("data", "")
     if args.data or os.path.isfile(f"{data}_teX.npy"):
-        test_tokens = load_test_images(data, model)
+        test_tokens = load_test_images(data, model, palette)
     else:
         test_tokens = np.zeros((0, model.config.block_size), np.int64)
         log("no test images to pick from: give token files with --data")
@@ -327,7 +326,7 @@ def main(argv=None):
     try:
         engine = Engine(model, fast=generation_fast(args.fast), compile=switch(args.compile, device))
     except ValueError as e:
-        raise SystemExit(f"demo.py: --fast on: {e}") from None
+        raise SystemExit(f"--fast on: {e}") from None
     log(f"{args.ckpt}: {model.config.n_px}x{model.config.n_px} images, {len(test_tokens)} test images, on {device} "
         f"({'the fused step' if engine.fast else 'the plain path'})")
     app = build_app(engine, palette, test_tokens, args.max_images)

@@ -390,13 +390,18 @@ def sample_from_logits(logits, uniform, temperature=1.0, top_k=None, top_p=None)
     return torch.argmax(logits + gumbel, dim=-1)
 
 
+def check_generative(model, name="the model"):
+    """Refuse a BERT model where images are generated, naming it `name` (e.g. its checkpoint's path)."""
+    if model.config.bert:
+        raise ValueError(f"{name} is a BERT model, which cannot generate: it predicts masked pixels from the rest of "
+                         "an image and has no order to generate one in; give an autoregressive checkpoint")
+
+
 def prime_tokens(model, num_samples=None, prime=None):
     """The known tokens [B, P] that generation continues, on the model's device: prime itself, or num_samples empty
     rows (P = 0) for unconditional samples."""
     device, T = model.wte.weight.device, model.config.block_size
-    if model.config.bert:
-        raise ValueError("a BERT model cannot generate: it predicts masked pixels from the rest of the image, so "
-                         "it has no order to sample in; sample from an autoregressive model")
+    check_generative(model)
     if prime is None:
         if not num_samples:
             raise ValueError("give num_samples (at least 1) or prime")

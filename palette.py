@@ -21,7 +21,8 @@ import os
 import numpy as np
 import torch
 
-from common import default_device, log
+from common import default_device, load_npy, log
+from igpt import load_checkpoint
 
 
 # ---- colour codes, nearest centres, k-means ----
@@ -205,13 +206,19 @@ def decode(tokens, palette):
 # ---- palette files ----
 
 def load_palette(path):
-    """A palette .npy (ours or the original kmeans_centers.npy) as float32 [k, 3] in [-1, 1]."""
+    """The palette a --palette names, as float32 [k, 3] in [-1, 1]: a .npy (ours or the original
+    kmeans_centers.npy), or a checkpoint .pt, whose palette is taken. Anything else, and a checkpoint holding no
+    palette, is a one-line ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no palette file {path!r}")
-    try:
-        palette = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a .npy palette ({e})") from e
+    if os.fspath(path).endswith(".pt"):
+        palette = load_checkpoint(path).get("palette")
+        if palette is None:
+            raise ValueError(f"{path!r} holds no palette: give a checkpoint that has one, or a palette .npy such as "
+                             "kmeans_centers.npy")
+        palette = np.asarray(palette)
+    else:
+        palette = load_npy(path, fix="give a palette .npy [k, 3] (such as kmeans_centers.npy) or a checkpoint .pt")
     if palette.ndim != 2 or palette.shape[1] != 3 or not np.issubdtype(palette.dtype, np.floating):
         raise ValueError(f"{path!r}: a palette is float [k, 3], got {palette.dtype} {list(palette.shape)}")
     if not np.isfinite(palette).all() or np.abs(palette).max(initial=0) > 1 + 1e-6:

@@ -54,9 +54,9 @@ from PIL import Image, ImageDraw
 
 from engine import fuse_mlp
 from igpt import IGPT, fixed_mask
-from common import (add_device_options, argument_parser, atomic_write, default_device, log, resolve_device,
-                    script, set_threads, switch, write_json)
-from data import SPLITS, check_tokens, load_tokens, save_npy, tokens_palette
+from common import (add_device_options, argument_parser, atomic_write, default_device, load_npy, log,
+                    resolve_device, save_npy, script, set_threads, switch, write_json)
+from data import SPLITS, check_tokens, load_tokens, tokens_palette
 from palette import one_palette
 
 DEFAULT_CS = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
@@ -207,19 +207,20 @@ class NotConverged(UserWarning):
         self.grad = grad
 
 
-def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None):
+def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None, n_classes=None):
     """Multinomial logistic regression with an L2 penalty, as scikit-learn's LogisticRegression(C=C) with K > 2
     classes: minimise sum_i -log p(y_i | x_i) + ||W||^2 / (2C), bias unpenalised, where p = softmax(x W + b).
 
     Full-batch L-BFGS (strong Wolfe line search) on the objective divided by N, as scikit-learn's lbfgs does,
-    until its largest gradient entry is at most tol. X: float [N, D]; y: class indices [N] in 0..K-1; init: a
-    (W, b) to start from. Returns W float32 [D, K] and b [K] on device, b centred (softmax ignores a shared shift).
-    For two classes this is the two-vector softmax model, not scikit-learn's single-vector one."""
+    until its largest gradient entry is at most tol. X: float [N, D]; y: class indices [N] in 0..K-1; n_classes:
+    K (default: max(y) + 1; give it when a class may be missing from y); init: a (W, b) of K classes to start
+    from. Returns W float32 [D, K] and b [K] on device, b centred (softmax ignores a shared shift). For two
+    classes this is the two-vector softmax model, not scikit-learn's single-vector one."""
     device = device or default_device()
     X = torch.as_tensor(X, dtype=torch.float32, device=device)
     y = torch.as_tensor(y, dtype=torch.long, device=device)
     N, D = X.shape
-    W = torch.zeros(D, int(y.max()) + 1, device=device)
+    W = torch.zeros(D, n_classes or int(y.max()) + 1, device=device)
     b = torch.zeros(W.size(1), device=device)
     if init is not None:
         W.copy_(init[0]), b.copy_(init[1])
@@ -262,20 +263,23 @@ def probe_layer(train, val, test, Cs, device=None, max_iter=1000, tol=1e-4):
     """One layer's probe. train, val, test: (features, labels [N]) pairs, features [N, D], or for val and test
     [K, N, D] under K masks (see accuracy; the first mask's join train in the refit). Fits each C of Cs on train
     (ascending, each started from the last solution), takes the C of best val accuracy (the smallest on a tie),
-    refits it on train + val and returns {"C", "val_acc", "test_acc", "val_accs" (one per C)}."""
+    refits it on train + val and returns {"C", "val_acc", "test_acc", "val_accs" (one per C)}. Every fit has a
+    class for each label of the three splits, seen in its fitting set or not."""
     device = device or default_device()
     (Xtr, ytr), (Xva, yva), (Xte, yte) = [(torch.as_tensor(x, device=device, dtype=torch.float32),
                                            torch.as_tensor(y, device=device)) for x, y in (train, val, test)]
+    # one K for every fit: the refit starts from a fit on train alone, which may lack a class val holds
+    n_classes = int(max(y.max() for y in (ytr, yva, yte))) + 1
     Str, Sva = standardise(Xtr, Xva)
     fit, val_accs, best = None, [], None
     for C in sorted(Cs):
-        fit = fit_logistic(Str, ytr, C, max_iter, tol, device, init=fit)
+        fit = fit_logistic(Str, ytr, C, max_iter, tol, device, init=fit, n_classes=n_classes)
         val_accs.append(accuracy(*fit, Sva, yva))
         if best is None or val_accs[-1] > best[1]:
             best = (C, val_accs[-1], fit)
     C, val_acc, fit = best
     Strva, Ste = standardise(torch.cat([Xtr, Xva if Xva.dim() == 2 else Xva[0]]), Xte)
-    fit = fit_logistic(Strva, torch.cat([ytr, yva]), C, max_iter, tol, device, init=fit)
+    fit = fit_logistic(Strva, torch.cat([ytr, yva]), C, max_iter, tol, device, init=fit, n_classes=n_classes)
     return {"C": C, "val_acc": val_acc, "test_acc": accuracy(*fit, Ste, yte), "val_accs": val_accs}
 
 
@@ -283,7 +287,7 @@ def probe_layer(train, val, test, Cs, device=None, max_iter=1000, tol=1e-4):
 
 def load_features(paths):
     """A layer's features of one split from its files: [N, D] from one, [K, N, D] from K (one a mask)."""
-    arrays = [np.load(p) for p in paths]
+    arrays = [load_npy(p, fix="delete it, and the features are extracted again") for p in paths]
     return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
@@ -331,6 +335,8 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
     if not Cs or Cs[0] <= 0:
         raise ValueError(f"C values must be positive, got {Cs}")
     splits = {split: load_split(data, split) for split in SPLITS}
+    for split, (X, _) in splits.items():  # all of them before the first is read through the model
+        check_tokens(X, f"{data}_{split}X.npy", model.config.n_vocab, model.config.block_size)
     folder = cache_dir(ckpt, data, out)
     compile = switch("auto", device) if compile is None else compile
     paths = {split: cached_feature_paths(model, X, split, sorted({*layers, *joined}), folder,

@@ -32,10 +32,9 @@ import time
 
 import numpy as np
 
-from common import add_device_options, argument_parser, log, resolve_device, save_grid, script, set_threads
+from common import add_device_options, argument_parser, log, resolve_device, save_grid, save_npy, script, set_threads
 from data import (CIFAR, SPLITS, begin_set, download_cifar, finish_set, holdout, load_images, make_shapes,
-                  manifest_path, save_npy)
-from igpt import load_checkpoint
+                  manifest_path)
 from palette import decode, encode, fit_palette, load_palette, palette_mse
 
 
@@ -139,12 +138,7 @@ def main(argv=None):
     times["read"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if args.palette.endswith(".pt"):
-        palette = load_checkpoint(args.palette).get("palette")
-        if palette is None:
-            raise SystemExit(f"--palette {args.palette}: the checkpoint holds no palette")
-        palette = np.asarray(palette, np.float32)
-    elif args.palette:
+    if args.palette:
         palette = load_palette(args.palette)
     else:
         log(f"fitting {args.k} colours on {len(splits['tr'][0])} training images on {device}")

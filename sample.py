@@ -20,18 +20,19 @@ import time
 import numpy as np
 import torch
 
-from common import (Progress, add_generation_options, argument_parser, generation_dtype, generation_fast,
-                    resolve_device, save_grid, script, set_threads, switch)
-from data import TOKEN_FILE, check_tokens, load_images, load_tokens, save_npy, tokens_palette
+from common import (Progress, add_generation_options, argument_parser, generation_dtype, generation_fast, load_npy,
+                    resolve_device, save_grid, save_npy, script, set_threads, switch)
+from data import TOKEN_FILE, check_tokens, load_images, load_tokens, tokens_palette
 from engine import Engine
-from igpt import IGPT
+from igpt import IGPT, check_generative
 from palette import decode, encode, model_palette, one_palette
 
 
 def parse_args(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint (ours, or an original converted by convert.py)")
-    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]); '': the checkpoint's")
+    p.add_argument("--palette", default="", help="palette .npy (k x 3 in [-1, 1]), or a checkpoint .pt whose "
+                                                 "palette is taken; '': the --ckpt's")
     p.add_argument("--out", default=".", help="folder for samples.png/.npy, or completions.png/.npy with --prime")
     p.add_argument("--num_samples", type=int, default=0,
                    help="images to sample, or with --prime completions per primed image (0: 16, or 4 with --prime)")
@@ -75,7 +76,8 @@ def load_prime(source, palette, n_px, n_vocab, count, by_class=False):
         one_palette(tokens_palette(token_file[1]), ("the model", palette))
         tokens, labels = load_tokens(token_file[1], token_file[2])
     else:
-        tokens, labels = np.load(source, mmap_mode="r"), None
+        tokens, labels = load_npy(source, fix="give integer tokens [N, n_px*n_px] saved with np.save",
+                                  mmap_mode="r"), None
     if not np.issubdtype(tokens.dtype, np.integer):
         raise SystemExit(f"--prime {source!r}: expected integer tokens, got {tokens.dtype}")
     check_tokens(tokens, f"--prime {source!r}", n_vocab, n_px * n_px)
@@ -133,10 +135,7 @@ def main(argv=None):
             raise SystemExit(f"{path} exists: choose another --out or pass --force to overwrite it")
 
     model = IGPT.from_checkpoint(args.ckpt)
-    if model.config.bert:
-        raise SystemExit(f"{args.ckpt} is a BERT model, which cannot sample: it predicts masked pixels "
-                         "from the rest of an image and has no order to generate one in. Sample from an "
-                         "autoregressive checkpoint")
+    check_generative(model, args.ckpt)
     palette = model_palette(model, args.palette, args.ckpt)
     n_px, n_vocab = model.config.n_px, model.config.n_vocab
 

@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import parallel
-from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, resolve_device, script, set_threads,
-                    switch)
+from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, load_npy, resolve_device, script,
+                    set_threads, switch)
 from data import check_tokens, load_tokens, tokens_palette
 from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint, weights_mismatch
 from palette import load_palette, one_palette
@@ -409,7 +409,7 @@ def dry_run(cfg, world, device, log):
     else:
         n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
         if not n_px:
-            n_px = math.isqrt(np.load(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
+            n_px = math.isqrt(load_npy(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
         config = preset_config(cfg, n_px, 512, 0)
     setup = (cfg.micro_batch_size, world, cfg.fsdp, cfg.activation_checkpointing)
     estimate = parallel.memory_estimate(config, *setup, compute_bytes(cfg))

@@ -2,6 +2,7 @@
 downloading. The TF fixture is tf_fixtures'."""
 import http.server
 import io
+import json
 import os
 import re
 import threading
@@ -18,6 +19,7 @@ from igpt import IGPT, IGPTConfig, save_checkpoint
 from tf_checkpoint import TFCheckpoint
 from tf_fixtures import BERT_GOLDEN, BERT_PREFIX, GOLDEN, PREFIX
 from tiny import TINY, tiny_model, tokens
+from traps import CreatesAFile
 
 
 def close(actual, expected):
@@ -254,6 +256,31 @@ def test_a_non_zero_hf_bias_is_named(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias .* non-zero"):
         hf_to_igpt(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name, write", [
+    ("pytorch_model.bin", lambda path: path.write_bytes(np.random.default_rng(0).bytes(3000))),  # damaged
+    ("pytorch_model.bin", lambda path: torch.save({"wte.weight": CreatesAFile(str(path.parent / "hacked"))}, path)),
+    ("pytorch_model.bin", lambda path: torch.save([torch.zeros(2)], path)),  # tensors, but not by name
+    ("model.safetensors", lambda path: path.write_bytes(np.random.default_rng(0).bytes(3000))),
+], ids=["damaged", "crafted", "unnamed", "damaged_safetensors"])
+def test_hf_weights_that_cannot_be_read_safely_are_refused_in_one_line(tmp_path, name, write):
+    hf_model().config.save_pretrained(tmp_path / "hf")
+    write(tmp_path / "hf" / name)
+    with pytest.raises(SystemExit, match=rf"^convert.py: '.*{name}' cannot be read safely as the model's weights: "
+                                         r".*; download the model again$") as e:
+        main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "igpt.pt")])
+    assert "weights_only" not in str(e.value)
+    assert not (tmp_path / "hf" / "hacked").exists()  # the pickle that would have created it was never run
+
+
+def test_an_hf_config_lacking_a_key_names_it(tmp_path):
+    hf_model().save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "n_positions"}))
+    with pytest.raises(SystemExit, match=r"^convert.py: .*config.json lacks n_positions: give the config.json that "
+                                         "save_pretrained wrote with the weights$"):
+        main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "igpt.pt")])
 
 
 def test_an_hf_model_igpt_cannot_express_is_refused(tmp_path):

@@ -208,6 +208,24 @@ def test_a_truncated_cifar_pickle_is_named(tmp_path):
         load_images(f"{tmp_path / 'c10'}:test", 32)
 
 
+def test_a_truncated_imagenet_npz_is_named(tmp_path):
+    np.savez(tmp_path / "x.npz", data=np.zeros((2, 12), np.uint8), labels=[1, 2])
+    whole = (tmp_path / "x.npz").read_bytes()
+    (tmp_path / "x.npz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"x\.npz is not a plain numeric \.npz \(it is cut short or damaged: .*\): "
+                                         "fetch the downsampled-ImageNet batch again"):
+        load_images(str(tmp_path / "x.npz"), 2)
+
+
+def test_a_pickled_image_npy_is_refused_naming_the_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([CreatesAFile(str(tmp_path / "ran"))], object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"x\.npy is not a plain numeric \.npy \(it holds pickled Python objects, "
+                                         r"or is not numpy's format\): save the images with np\.save, as uint8 "
+                                         r"\[N, H, W, 3\]"):
+        load_images(str(tmp_path / "x.npy"), 2)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_zip_member_too_large_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
     path = tmp_path / "bomb.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -317,6 +335,35 @@ def test_load_tokens_errors(tmp_path):
         load_tokens(prefix, "tr")
     with pytest.raises(ValueError, match="split"):
         load_tokens(prefix, "train")
+
+
+def test_a_pickled_token_file_is_refused_naming_the_file_without_unpickling(tmp_path):
+    prefix = str(tmp_path / "d")
+    np.save(prefix + "_trX.npy", np.array([CreatesAFile(str(tmp_path / "ran"))], object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"^\S*d_trX\.npy is not a plain numeric \.npy \(it holds pickled Python "
+                                         r"objects, or is not numpy's format\): write it again with quantize\.py$"):
+        load_tokens(prefix, "tr")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("cut", ["X", "Y"])  # the tokens memory-mapped, the labels read whole
+def test_a_truncated_token_file_is_refused_naming_the_file(tmp_path, cut):
+    prefix = str(tmp_path / "d")
+    np.save(prefix + "_trX.npy", np.zeros((50, 16), np.uint16))
+    np.save(prefix + "_trY.npy", np.zeros(50, np.int64))
+    whole = open(f"{prefix}_tr{cut}.npy", "rb").read()
+    open(f"{prefix}_tr{cut}.npy", "wb").write(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"d_tr{cut}\.npy is not a plain numeric \.npy \(it is cut short or damaged"
+                                         r": .*\): write it again with quantize\.py$"):
+        load_tokens(prefix, "tr")
+
+
+def test_labels_that_are_not_numbers_are_refused_naming_the_file(tmp_path):
+    prefix = str(tmp_path / "d")
+    np.save(prefix + "_trX.npy", np.zeros((2, 4), np.uint16))
+    np.save(prefix + "_trY.npy", np.array(["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"d_trY\.npy is not a plain numeric \.npy \(it holds <U3, not numbers\)"):
+        load_tokens(prefix, "tr")
 
 
 def test_labels_in_a_column_are_integer_labels(tmp_path):

@@ -196,32 +196,61 @@ def test_the_missing_main_job_checkpoint_says_how_to_make_it(tmp_path, monkeypat
 
 
 def test_another_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(SystemExit, match=r"^demo.py: no checkpoint at .*nope.pt"):
+    with pytest.raises(SystemExit, match=r"^no checkpoint at .*nope.pt"):
         demo.load_model(str(tmp_path / "nope.pt"))
 
 
 def test_test_images_that_do_not_fit_the_model_are_refused(tmp_path):
     np.save(tmp_path / "d_teX.npy", np.zeros((3, 9), np.uint16))
-    with pytest.raises(SystemExit, match=r"its test images are 9 tokens .* the model's 16 tokens in 0..15"):
-        demo.load_test_images(str(tmp_path / "d"), tiny_model())
+    with pytest.raises(SystemExit, match=r"^--data: .*d_teX.npy: token images of shape \[3, 9\], but the model reads "
+                                         r"\[N, 16\] \(4x4\); quantize the data at n_px=4$"):
+        demo.load_test_images(str(tmp_path / "d"), tiny_model(), palette())
+
+
+def test_test_images_of_another_palette_are_refused_in_one_line(tmp_path):
+    np.save(tmp_path / "d_teX.npy", np.zeros((3, T), np.uint16))
+    np.save(tmp_path / "d_palette.npy", palette(seed=1))
+    with pytest.raises(SystemExit, match=r"^--data: the palettes of .*d_palette.npy \(16 colours\) and the model "
+                                         r"\(16 colours\) differ: .*quantize.py --palette CHECKPOINT.pt\)$"):
+        demo.load_test_images(str(tmp_path / "d"), tiny_model(), palette())
 
 
 def test_test_images_are_the_first_of_the_token_file(tmp_path):
     tokens = np.random.default_rng(0).integers(0, N_VOCAB, (5, T)).astype(np.uint16)
     np.save(tmp_path / "d_teX.npy", tokens)
-    np.testing.assert_array_equal(demo.load_test_images(str(tmp_path / "d"), tiny_model(), count=3), tokens[:3])
+    np.testing.assert_array_equal(demo.load_test_images(str(tmp_path / "d"), tiny_model(), palette(), count=3),
+                                  tokens[:3])
 
 
 def test_without_gradio_the_script_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
-    with pytest.raises(SystemExit, match=r"^demo.py needs Gradio for its page: pip install -r requirements-demo.txt$"):
+    with pytest.raises(SystemExit, match=r"^demo.py: the page needs Gradio: pip install -r requirements-demo.txt$"):
         demo.main([])
 
 
-def test_the_script_takes_the_cpu_threads_it_is_given(monkeypatch):
+@pytest.fixture
+def gradio_found(monkeypatch):
+    """main() finds Gradio, installed or not: for what it does before it builds the page."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gradio" else real(name, *a))
+
+
+def test_a_library_error_at_start_up_is_one_line_naming_the_flag(gradio_found):
+    with pytest.raises(SystemExit, match=r"^demo.py: --threads -1: give a number of threads, or 0 to have it "
+                                         r"chosen$"):
+        demo.main(["--threads", "-1", "--device", "cpu"])
+
+
+def test_a_bert_checkpoint_is_refused_at_start_up(tmp_path, gradio_found):
+    save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True), palette=palette())
+    threads = str(torch.get_num_threads())  # main sets them before it loads the model: as they are
+    with pytest.raises(SystemExit, match=r"^demo.py: .*bert.pt is a BERT model, which cannot generate: .* "
+                                         r"give an autoregressive checkpoint$"):
+        demo.main(["--ckpt", str(tmp_path / "bert.pt"), "--device", "cpu", "--threads", threads])
+
+
+def test_the_script_takes_the_cpu_threads_it_is_given(monkeypatch, gradio_found):
     seen = []
 
     def load_model(*args):  # by then the threads are set; the page itself is not built

@@ -387,7 +387,7 @@ def test_fixed_masks_depend_on_the_seed_and_the_image_alone():
 
 
 def test_a_bert_model_cannot_generate():
-    with pytest.raises(ValueError, match="BERT model cannot generate"):
+    with pytest.raises(ValueError, match="is a BERT model, which cannot generate"):
         generate(bert_model(), num_samples=2)
 
 

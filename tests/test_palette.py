@@ -4,7 +4,9 @@ import functools
 import numpy as np
 import pytest
 
+from igpt import save_checkpoint
 from palette import decode, encode, find_palette, fit_palette, load_palette, palette_mse
+from tiny import palette as random_palette, tiny_model
 
 
 def unit(rgb):
@@ -105,6 +107,26 @@ def test_load_palette_and_find_palette(tmp_path):
         load_palette(str(tmp_path / "bytes.npy"))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         load_palette(str(tmp_path / "missing.npy"))
+
+
+def test_a_checkpoint_gives_the_palette_it_holds(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", tiny_model(), palette=random_palette())
+    loaded = load_palette(str(tmp_path / "m.pt"))
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, random_palette())
+
+
+def test_a_checkpoint_without_a_palette_is_refused_naming_it(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    with pytest.raises(ValueError, match=r"m\.pt' holds no palette: give a checkpoint that has one, or a palette "
+                                         r"\.npy"):
+        load_palette(str(tmp_path / "m.pt"))
+
+
+def test_an_archive_of_arrays_is_refused_as_a_palette_naming_the_file(tmp_path):
+    np.savez(tmp_path / "p.npz", palette=random_palette())
+    with pytest.raises(ValueError, match=r"p\.npz is not a plain numeric \.npy \(it is a zip archive .*\): give a "
+                                         r"palette \.npy \[k, 3\] .* or a checkpoint \.pt"):
+        load_palette(str(tmp_path / "p.npz"))
 
 
 def test_more_colours_asked_for_than_the_images_hold_is_said(capsys):

@@ -116,6 +116,21 @@ def test_fit_matches_scikit_learn(C):
     torch.testing.assert_close(b.sum(), torch.tensor(0.0), atol=1e-5, rtol=0)
 
 
+def test_fit_has_a_class_for_each_it_is_told_of_even_those_missing_from_the_labels():
+    X, y = blobs(30, 4, 3, seed=1)
+    W, b = fit_logistic(X, y, 1.0, device="cpu", n_classes=5)
+    assert W.shape == (4, 5) and b.shape == (5,)
+
+
+def test_a_class_only_val_holds_is_learnt_by_the_refit_on_train_and_val():
+    # classes far apart along their own axes; class 2 is missing from train, so only the refit on train + val sees it
+    g = torch.Generator().manual_seed(0)
+    points = lambda y: (torch.eye(3)[y] * 10 + torch.randn(len(y), 3, generator=g), y)
+    train, val, test = points(torch.arange(30) % 2), points(torch.arange(30) % 3), points(torch.arange(30) % 3)
+    result = probe_layer(train, val, test, [0.1, 1.0], device="cpu")
+    assert result["val_acc"] == pytest.approx(2 / 3) and result["test_acc"] == 1.0
+
+
 def test_standardise_uses_the_training_statistics():
     tr, other = torch.randn(100, 5) * 3 + 2, torch.randn(10, 5)
     s_tr, s_other = standardise(tr, other)
@@ -392,6 +407,33 @@ def test_cli_rejects_data_of_another_n_px_or_palette(run, tmp_path):
     write_data(tmp_path / "d", n_vocab=32)
     with pytest.raises(SystemExit, match="palette"):
         run()
+
+
+@pytest.mark.parametrize("bad, message", [(np.full((20, 16), 16), r"token values span 16\.\.16"),
+                                          (np.zeros((20, 25)), r"token images of shape \[20, 25\]")])
+def test_a_split_the_model_cannot_read_is_refused_naming_its_file_before_any_features_are_extracted(tmp_path, bad,
+                                                                                                    message):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    np.save(tmp_path / "d_teX.npy", bad.astype(np.uint16))  # the last split read
+    with pytest.raises(ValueError, match=r"d_teX\.npy: " + message):
+        probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "1", [1.0], str(tmp_path / "out"), device="cpu")
+    assert not (tmp_path / "out" / "features").exists()
+
+
+def test_a_damaged_cached_feature_file_is_named_with_the_way_out(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    probe = lambda: probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), "1", [1.0], str(tmp_path / "out"),
+                                 device="cpu", force=True)
+    probe()
+    cached = next((tmp_path / "out" / "features").glob("*/va_layer001.npy"))
+    cached.write_bytes(cached.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"va_layer001\.npy is not a plain numeric \.npy \(it is cut short .*: "
+                                         "delete it, and the features are extracted again"):
+        probe()
+    cached.unlink()
+    probe()
 
 
 def test_cli_needs_labels(run, tmp_path):

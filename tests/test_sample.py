@@ -8,6 +8,7 @@ import sample
 from igpt import generate, save_checkpoint
 from palette import decode
 from tiny import palette, tiny_model
+from traps import CreatesAFile
 
 N_PX, N_VOCAB, SCALE, PAD = 4, 16, 2, 2
 
@@ -121,7 +122,8 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 
 def test_a_bert_checkpoint_is_refused_with_the_reason(tmp_path):
     save_checkpoint(tmp_path / "bert.pt", tiny_model(bert=True), palette=palette())
-    with pytest.raises(SystemExit, match="^sample.py: [^ ]*bert.pt is a BERT model, which cannot sample: .* no order"):
+    with pytest.raises(SystemExit, match="^sample.py: [^ ]*bert.pt is a BERT model, which cannot generate: .* no "
+                                         "order"):
         run("--ckpt", tmp_path / "bert.pt", "--out", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.pt"]
 
@@ -133,6 +135,14 @@ def test_a_checkpoint_without_palette_asks_for_one(tmp_path):
         run("--ckpt", path, "--out", tmp_path / "a")
     np.save(tmp_path / "p.npy", palette())
     run("--ckpt", path, "--palette", tmp_path / "p.npy", "--out", tmp_path / "a", "--num_samples", 1)
+
+
+def test_the_palette_may_be_another_checkpoints(ckpt, tmp_path):
+    save_checkpoint(tmp_path / "bare.pt", tiny_model())
+    run("--ckpt", tmp_path / "bare.pt", "--palette", ckpt, "--out", tmp_path / "a", "--num_samples", 1, "--scale",
+        SCALE)
+    grid = np.asarray(Image.open(tmp_path / "a" / "samples.png"))
+    np.testing.assert_array_equal(tile(grid, 0, 0), decode(np.load(tmp_path / "a" / "samples.npy"), palette())[0])
 
 
 def test_a_palette_of_the_wrong_size_is_refused(ckpt, tmp_path):
@@ -150,6 +160,14 @@ def test_bad_prime_tokens_are_refused(ckpt, tmp_path, prime, message):
     np.save(tmp_path / "p.npy", prime)
     with pytest.raises(SystemExit, match=message):
         run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--out", tmp_path / "a")
+
+
+def test_a_pickled_prime_file_is_refused_naming_it_without_unpickling(ckpt, tmp_path):
+    np.save(tmp_path / "p.npy", np.array([CreatesAFile(str(tmp_path / "ran"))], object), allow_pickle=True)
+    with pytest.raises(SystemExit, match=r"^sample\.py: \S*p\.npy is not a plain numeric \.npy \(it holds pickled "
+                                         r"Python objects, or is not numpy's format\): give integer tokens"):
+        run("--ckpt", ckpt, "--prime", tmp_path / "p.npy", "--out", tmp_path / "a")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_prime_rows_must_leave_something_to_complete(ckpt, tmp_path):
