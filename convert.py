@@ -127,11 +127,16 @@ def _require(module):
 
 
 def _read_json(path):
+    """The JSON object of one of a Hugging Face folder's files; anything else is a ValueError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except ValueError as e:
         raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object: give the file save_pretrained "
+                         "wrote")
+    return obj
 
 
 def _hf_weights(folder):

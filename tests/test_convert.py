@@ -283,6 +283,14 @@ def test_an_hf_config_lacking_a_key_names_it(tmp_path):
         main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "igpt.pt")])
 
 
+def test_an_hf_config_that_is_not_a_json_object_is_refused_naming_it(tmp_path):
+    hf_model().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"^convert.py: .*config.json holds a JSON list, not an object: give the "
+                                         "file save_pretrained wrote$"):
+        main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "igpt.pt")])
+
+
 def test_an_hf_model_igpt_cannot_express_is_refused(tmp_path):
     hf_model(activation_function="gelu_new").save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match="activation_function='gelu_new'"):
