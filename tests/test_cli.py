@@ -68,10 +68,16 @@ def test_options_are_spelled_with_underscores_and_devices_chosen_alike(name, mon
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("name", ["cuda", "gpu", "cuda:3"])
-def test_a_device_that_is_not_there_names_what_to_pass(name):
-    with pytest.raises(ValueError, match="--device cpu|use auto, cpu, cuda or cuda:N"):
+@pytest.mark.parametrize("name", ["cuda", "cuda:3"])
+def test_a_gpu_that_is_not_there_names_what_to_pass(name):
+    with pytest.raises(ValueError, match=f"^--device {name}: PyTorch sees no GPU here; use --device cpu "
+                                         r"\(or auto\)$"):
         common.resolve_device(name)
+
+
+def test_a_name_that_is_no_device_names_the_choices():
+    with pytest.raises(ValueError, match="^--device 'gpu' is not a device: use auto, cpu, cuda or cuda:N$"):
+        common.resolve_device("gpu")
 
 
 def test_auto_and_cpu_resolve_and_switches_mean_on_for_a_gpu():

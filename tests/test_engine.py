@@ -114,7 +114,7 @@ def test_cuda_graph_replays_draw_the_tokens_of_the_eager_steps(prime_len, monkey
     assert torch.equal(graphed, eager) and torch.equal(graphed[:, :prime_len], prime)
 
 
-def test_fused_mlp_keeps_the_state_dict_and_computes_the_mlp():
+def test_fused_mlp_keeps_the_state_dict_and_off_the_gpu_is_the_plain_mlp():
     model = tiny_model()
     x = torch.randn(3, 5, 32)
     before, expected = model.state_dict(), model.h[0].mlp(x)

@@ -87,6 +87,15 @@ def test_gumbel_max_draws_follow_the_softmax():
     torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
 
 
+def test_a_temperature_draws_from_the_softmax_of_the_logits_divided_by_it():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from_logits(logits, torch.rand(20000, 3, generator=g), temperature=0.5)
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    expected = torch.tensor([0.36, 0.09, 0.01]) / 0.46  # p^(1/T) normalised, T = 0.5
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
 def test_prime_as_long_as_the_image_is_an_error():
     with pytest.raises(ValueError, match="shorter than"):
         generate(tiny_model(), prime=tokens(batch=1))

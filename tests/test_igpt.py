@@ -118,6 +118,10 @@ def test_initialisation_scales_follow_the_original():
     assert m.h[0].attn.c_attn.weight.std().item() == pytest.approx(1 / 16, rel=0.05)
     assert m.h[0].attn.c_proj.weight.std().item() == pytest.approx(1 / 32, rel=0.05)
     assert m.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.sos.std().item() == pytest.approx(0.02, rel=0.15)  # 256 values
+    assert all((norm.g == 1).all() for norm in [m.ln_f, *(n for b in m.h for n in (b.ln_1, b.ln_2))])
+    assert (m.wtet.weight == 0).all()
     assert not any(isinstance(mod, torch.nn.Linear) and mod.bias is not None for mod in m.modules())
 
 
@@ -132,6 +136,10 @@ def test_classify_pools_the_final_features():
 
 def test_features_are_gainless_norm_of_the_residual_stream_averaged_over_positions():
     model, x = tiny_model(), tokens()
+    with torch.no_grad():  # a residual stream whose mean square is near the norm's eps, so a wrong eps shows
+        for w in [model.wte.weight, model.wpe.weight, model.sos, *(p for n, p in model.h.named_parameters()
+                                                                    if n.endswith("c_proj.weight"))]:
+            w.mul_(0.1)
     h = model.embed(x)
     expected = []
     for block in model.h:
@@ -205,7 +213,8 @@ def test_every_flipped_byte_of_a_checkpoint_is_detected_naming_the_file(tmp_path
         flipped = bytearray(data)
         flipped[i] ^= 1 << rng.randrange(8)
         (tmp_path / "flipped.pt").write_bytes(flipped)
-        with pytest.raises(ValueError, match=r"flipped\.pt' is corrupt: (tensor \S+|its .*|a part .*) changed|damaged"):
+        with pytest.raises(ValueError, match=r"flipped\.pt' is corrupt: ((tensor \S+|its .*|a part .*) changed|its zip "
+                                             r"comment, which records the file's crc32, is damaged)"):
             load_checkpoint(tmp_path / "flipped.pt")
 
 

@@ -490,10 +490,14 @@ def test_a_run_from_a_fine_tuned_checkpoint_without_clf_drops_its_classifier(tmp
 
 def test_eval_only_scores_a_fine_tuned_model_with_its_own_classes_whatever_the_split_holds(tmp_path):
     prefix = write_tokens(tmp_path)  # labels 0..2
-    run("--data", prefix, "--out", tmp_path / "ft", *TINY, "--batch_size", 8, "--max_steps", 1, "--clf")
+    run("--data", prefix, "--out", tmp_path / "ft", *TINY, "--batch_size", 8, "--max_steps", 8, "--clf")
     np.save(f"{prefix}_vaY.npy", np.zeros(32, dtype=np.int64))  # a split of one class
     result = run("--eval_only", "--resume", "--out", tmp_path / "ft", "--data", prefix)
-    assert result["accuracy"] is not None
+    model = IGPT.from_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    with torch.no_grad():
+        logits, _ = model.classify(torch.from_numpy(np.load(f"{prefix}_vaX.npy").astype(np.int64)))
+    predicted_0 = (logits.argmax(-1) == 0).float().mean().item()  # over all three classes
+    assert 0 < predicted_0 < 1 and result["accuracy"] == pytest.approx(predicted_0)
 
 
 def test_eval_only_with_clf_refuses_a_model_without_a_classifier(tmp_path):
@@ -745,11 +749,12 @@ def test_a_run_the_estimate_says_cannot_fit_is_refused_in_one_line_unless_no_mem
     cfg, _ = train.parse_config(["--micro_batch_size", "32", "--no-memory_check"])
     assert train.check_memory(cfg, config, 1, cuda) is None
 
-def test_learning_rate_warms_up_linearly_then_decays_to_min_lr():
+def test_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_min_lr():
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert train.lr_at(0, cfg) == pytest.approx(0.1)
     assert train.lr_at(9, cfg) == pytest.approx(1.0)
     assert train.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train.lr_at(35, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))  # a cosine, not a line
     assert train.lr_at(110, cfg) == pytest.approx(0.1)
 
 
