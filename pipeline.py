@@ -19,7 +19,9 @@ them), so every result can be reproduced stage by stage by hand. Under --out (de
                                                                       of the raw pixels (--baseline, shapes) and
                                                                       of layers joined (--concat, cifar10)
     finetune/ckpt.pt, finetune/log.jsonl                              train.py --clf: fine-tuned, its test accuracy
-    summary.json                                                      every stage's figures and wall time
+    summary.json                                                      every stage's figures and wall time (a
+                                                                      rerun of quantize or train drops those of
+                                                                      the stages after it, made from before)
 """
 import json
 import os
