@@ -1,8 +1,8 @@
 """
 The helpers every script shares: notes and progress lines on stderr (a script's results, and train.py's step lines,
 which are its results as it goes, on stdout), choosing the device and the CPU threads, writing files atomically,
-files that verify themselves (checksums inside torch.save's zip), image grids as PNG, and the command-line
-conventions, and .npy files read without pickles (load_npy).
+files that verify themselves (checksums inside torch.save's zip), .npy files read without pickles (load_npy),
+image grids as PNG, and the command-line conventions.
 
 Every script spells its options with underscores and lists each with its default in --help; --device is auto
 (the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto
@@ -263,24 +263,24 @@ def load_npy(path, fix="write it again with quantize.py", archive=False, **kwarg
     """The array of a .npy file (kwargs go to np.load: mmap_mode, say), or with archive the arrays of a .npz as a
     dict, read without unpickling. A file that cannot be read so (pickled Python objects, cut short, another kind
     of file) or holds other than numbers is a one-line ValueError naming it and saying `fix`, the way to mend it."""
+    def refuse(why):
+        return ValueError(f"{path} is not a plain numeric {'.npz' if archive else '.npy'} ({why}): {fix}")
+
     try:
         loaded = np.load(path, allow_pickle=False, **kwargs)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:  # a .npz's arrays are read when asked for: all of them now, so their errors land here
                 loaded = {name: loaded[name] for name in loaded.files}
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        # numpy's own words would suggest allow_pickle=True, which lets the file run code
+        # not numpy's own words, which would suggest allow_pickle=True: that lets the file run code
         pickled = "pickle" in str(e) or "objects" in str(e)
-        why = ("it holds pickled Python objects, or is not numpy's format" if pickled else
-               f"it is cut short or damaged: {e}")
-    else:
-        arrays = list(loaded.values()) if isinstance(loaded, dict) else [loaded]
-        odd = [a.dtype for a in arrays if a.dtype.kind not in "biuf"]
-        why = ("it is a zip archive (a .npz, or a checkpoint?)" if isinstance(loaded, dict) and not archive else
-               "it is a .npy file, one array" if archive and not isinstance(loaded, dict) else
-               f"it holds {odd[0]}, not numbers" if odd else None)
-    if why:
-        raise ValueError(f"{path} is not a plain numeric {'.npz' if archive else '.npy'} ({why}): {fix}")
+        raise refuse("it holds pickled Python objects, or is not numpy's format" if pickled else
+                     f"it is cut short or damaged: {e}") from None
+    if isinstance(loaded, dict) != archive:
+        raise refuse("it is a .npy file, one array" if archive else "it is a zip archive (a .npz, or a checkpoint?)")
+    odd = [a.dtype for a in (loaded.values() if archive else [loaded]) if a.dtype.kind not in "biuf"]
+    if odd:
+        raise refuse(f"it holds {odd[0]}, not numbers")
     return loaded
 
 

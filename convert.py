@@ -20,7 +20,6 @@ optimizer slots and global_step are skipped. A checkpoint without model/sos is o
 A Hugging Face folder keeps the palette where HF's ImageGPTImageProcessor reads it, as the "clusters" of
 preprocessor_config.json: --to_hf writes it and --hf reads it back.
 """
-import functools
 import importlib
 import json
 import math
@@ -142,11 +141,11 @@ def _read_json(path):
 def _hf_weights(folder):
     """The tensors of a Hugging Face folder's model.safetensors, else of its pytorch_model.bin (loaded with
     weights_only=True); a file that cannot be read safely as a dict of tensors is a ValueError naming it."""
-    path = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(path):
-        load = _require("safetensors.torch").load_file
-    elif os.path.isfile(path := os.path.join(folder, "pytorch_model.bin")):
-        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+    safetensors, pickled = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors):
+        path, load = safetensors, _require("safetensors.torch").load_file
+    elif os.path.isfile(pickled):
+        path, load = pickled, lambda p: torch.load(p, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
     try:

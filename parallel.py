@@ -186,6 +186,12 @@ def read_train_state(path):
     return state
 
 
+def read_state(path):
+    """A checkpoint's state but its sharded tensors: of a .pt file, all of it (load_checkpoint); of a folder of
+    save_sharded's, its TRAIN_STATE (read_train_state)."""
+    return read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+
+
 def load_sharded(path, model, optimizer=None):
     """Read the folder `path` into model (sharded or not) and, when given, optimizer, in place: each rank reads the
     pieces its shards cover, whatever the number of processes that wrote them."""

@@ -175,12 +175,12 @@ def main(argv=None):
         result = SCRIPTS[stage].main(argv_stage)
         summary[stage] = {**summarise(stage, result), "wall_seconds": round(time.time() - t0, 1),
                           "argv": argv_stage}
-        stale = [later for later in STAGES[STAGES.index(stage) + 1:] if later in summary] if stage in UPSTREAM else []
-        for later in stale:
-            del summary[later]
+        stale = [later for later in STAGES[STAGES.index(stage) + 1:] if later in summary and stage in UPSTREAM]
         if stale:
             print(f"== dropped from the summary, as made from the {stage} stage's earlier output: "
                   f"{', '.join(stale)}", flush=True)
+        for later in stale:
+            del summary[later]
         # after every stage, so a run cut short keeps its figures
         write_json(summary_path, summary)
     print(f"== done: {summary_path}")

@@ -46,7 +46,7 @@ import parallel
 from common import (SWITCH, argument_parser, atomic_write, first_nonfinite, load_npy, resolve_device, script,
                     set_threads, switch)
 from data import check_tokens, load_tokens, tokens_palette
-from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, load_checkpoint, save_checkpoint, weights_mismatch
+from igpt import IGPT, PRESETS, IGPTConfig, fixed_mask, save_checkpoint, weights_mismatch
 from palette import load_palette, one_palette
 
 
@@ -327,12 +327,9 @@ def build_model(cfg, n_px, n_vocab, n_classes, fits=lambda config: None, resume_
     the classifier's, from the data, for a --clf run (a run without --clf drops a checkpoint's classifier;
     --eval_only keeps it). fits(config) runs first, so a model that cannot fit is refused before it is built.
     Returns (model, the checkpoint's palette or None)."""
-    if resume_config is not None:
-        config = IGPTConfig(**resume_config)
-        fits(config)
-        return IGPT(config), None
-    if not cfg.ckpt:
-        config = preset_config(cfg, n_px, n_vocab, n_classes)
+    if resume_config is not None or not cfg.ckpt:
+        config = IGPTConfig(**resume_config) if resume_config is not None else preset_config(cfg, n_px, n_vocab,
+                                                                                            n_classes)
         fits(config)
         return IGPT(config), None
     ckpt = parallel.load_weights(cfg.ckpt)
@@ -403,9 +400,8 @@ def dry_run(cfg, world, device, log):
     preset and overrides at --n_px, else the data's, else 32), with this run's options and number of processes,
     and whether it fits this GPU. Returns the estimate."""
     source = checkpoint_to_resume(cfg.out) if cfg.resume else cfg.ckpt
-    if source:  # only its config is used: of a sharded run's folder, the shards are not read
-        state = parallel.read_train_state(source) if os.path.isdir(source) else load_checkpoint(source)
-        config = IGPTConfig(**state["config"])
+    if source:  # only its config is used
+        config = IGPTConfig(**parallel.read_state(source)["config"])
     else:
         n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
         if not n_px:
@@ -527,7 +523,7 @@ def open_run(cfg, given, log_path):
     if cfg.resume:
         resume_path = checkpoint_to_resume(cfg.out)
         sharded = os.path.isdir(resume_path)  # its weights and optimizer state are read once the model is sharded
-        resume_state = parallel.read_train_state(resume_path) if sharded else load_checkpoint(resume_path)
+        resume_state = parallel.read_state(resume_path)
         cfg = resumed_config(cfg, given, resume_state, resume_path)
         if sharded != cfg.fsdp:
             raise SystemExit(f"{resume_path} was written {'with' if sharded else 'without'} --fsdp: resume it so "
