@@ -19,10 +19,12 @@ seconds, and the curve over depth shows where the best features lie (in the midd
    {out}/features/{key}/, where key hashes the checkpoint's path, size and modification time and the data
    files', so a sweep over more layers or other C values never reruns the model for features it has (float32:
    123 MB a layer for the 60,000 images of CIFAR-10 through iGPT-S, 2.9 GB for all 24 layers).
-2. Fit, per layer: features standardised with the training mean and std; multinomial logistic regression with
-   an L2 penalty in scikit-learn's convention (sum of log-losses + ||W||^2 / (2C), bias unpenalised), by
-   full-batch L-BFGS to a gradient tolerance, for each C of the grid on tr. The C with the best va accuracy is
-   refit on tr + va (standardised with their mean and std), and that model's te accuracy is reported.
+2. Fit, per layer, on --fit_device (by default the --device): features standardised with the training mean and
+   std; multinomial logistic regression with an L2 penalty in scikit-learn's convention (sum of log-losses +
+   ||W||^2 / (2C), bias unpenalised), by full-batch L-BFGS to a gradient tolerance, for each C of the grid on tr.
+   The C with the best va accuracy is refit on tr + va (standardised with their mean and std), and that model's
+   te accuracy is reported. With --fit_device cpu a probe beside a training on the same GPU holds it only for the
+   feature pass.
 3. Output: the table (layer, C, val acc, test acc) printed and written to {out}/probe.json, and the accuracy
    against depth drawn to {out}/probe.png.
 
@@ -307,17 +309,21 @@ def pixel_features(X, palette):
 
 
 def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch_size=256, device=None,
-                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1, baseline=False, concat=None, force=False):
+                 compile=None, max_iter=1000, tol=1e-4, bert_masks=1, baseline=False, concat=None, force=False,
+                 fit_device=None):
     """Probe each layer of the checkpoint on the data (see the module docstring): features from the cache or one
     forward pass per split, a fit per C and layer, the table printed and written to {out}/probe.json and the
     plot to {out}/probe.png (existing ones only with force). layers: a spec for parse_layers or a list; Cs:
     "0.01,0.1" or a list; compile: torch.compile the feature pass (default: on CUDA); bert_masks: for a BERT model,
     the masks each va and te image is read under (their predictions' mode counts); baseline: also probe the raw
     quantized pixels (pixel_features, with the palette of the checkpoint or the data), the floor the features
-    should clear; concat: layers (a spec or a list) whose features are also probed joined. Returns the report
+    should clear; concat: layers (a spec or a list) whose features are also probed joined; fit_device: where the
+    fits run (default: device), the CPU to leave a GPU shared with a training to it after the feature pass (the
+    fits' many small steps each wait their turn behind its kernels there). Returns the report
     written to probe.json: {"ckpt", "data", "Cs", "rows" (one per layer), "pixels" (the baseline's probe_layer
     result, or None), "concat" (the joined layers' result with their "layers", or None)}."""
     device = device or default_device()
+    fit_device = fit_device or device
     existing = [p for p in (os.path.join(out, "probe.json"), os.path.join(out, "probe.png")) if os.path.exists(p)]
     if existing and not force:
         raise FileExistsError(f"{existing[0]} exists: pass --force to overwrite it, or choose another --out")
@@ -354,16 +360,16 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
         warnings.simplefilter("always", NotConverged)
         for l in layers:
             rows.append({"layer": l, **probe_layer(*[(load_features(paths[s][l]), labels[s]) for s in SPLITS], Cs,
-                                                   device, max_iter, tol)})
+                                                   fit_device, max_iter, tol)})
             show(l, rows[-1])
         if baseline:
-            pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs, device,
-                                 max_iter, tol)
+            pixels = probe_layer(*[(pixel_features(splits[s][0], palette), labels[s]) for s in SPLITS], Cs,
+                                 fit_device, max_iter, tol)
             show("pixels", pixels)
         if joined:
             joint = {"layers": joined, **probe_layer(*[(np.concatenate([load_features(paths[s][l]) for l in joined],
                                                                        -1), labels[s]) for s in SPLITS],
-                                                     Cs, device, max_iter, tol)}
+                                                     Cs, fit_device, max_iter, tol)}
             show(layer_spec(joined), joint)
     stopped = [w.message.grad for w in caught if issubclass(w.category, NotConverged)]
     for w in caught:
@@ -414,7 +420,7 @@ def plot(rows, path, title="linear probe", size=(640, 400), across=()):
         d.line(pts, fill=color, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    for name, color, x in (("test", "blue", x1), ("val", "gray", x1 - 36)):  # the key, above the plot, out of lines' way
+    for name, color, x in (("test", "blue", x1), ("val", "gray", x1 - 36)):  # the key: above the plot, off the lines
         d.text((x, 8), name, fill=color, anchor="ra")
     for name, result, color in across:
         y = py(100 * result["test_acc"])
@@ -440,6 +446,8 @@ def main(argv=None):
     p.add_argument("--baseline", action="store_true", help="also probe the raw quantized pixels (each pixel's "
                    "palette colour), the floor the features should clear")
     add_device_options(p, compile_what="the feature pass")
+    p.add_argument("--fit_device", default="", help="where the logistic fits run ('': the --device); cpu leaves "
+                   "a GPU shared with a training to it once the features are out")
     p.add_argument("--bert_masks", type=int, default=1, help="BERT models: the fixed masks each va and te image is "
                    "read under, the mode of their predictions counting (the paper's ensemble: 5)")
     p.add_argument("--max_iter", type=int, default=1000, help="L-BFGS iterations per fit")
@@ -448,10 +456,11 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite probe.json and probe.png of an earlier run")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    fit_device = resolve_device(args.fit_device) if args.fit_device else device
     set_threads(args.threads)
     return probe_layers(args.ckpt, args.data, args.layers, args.Cs, args.out, args.batch_size, str(device),
                         switch(args.compile, device), args.max_iter, args.tol, args.bert_masks,
-                        args.baseline, args.concat or None, args.force)
+                        args.baseline, args.concat or None, args.force, str(fit_device))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+import probe
 from igpt import IGPT, fixed_mask, save_checkpoint
 from probe import (NotConverged, accuracy, cache_dir, extract_features, fit_logistic, layer_spec, main,
                    parse_layers, pixel_features, plot, probe_layer, probe_layers, standardise)
@@ -47,11 +48,11 @@ def run(tmp_path):
     return run
 
 
-
 @pytest.mark.parametrize("layers, spec", [([8, 9, 10, 11, 12], "8-12"), ([6, 9, 12], "6,9,12"), ([1, 2, 3, 7], "1-3,7"),
                                           ([4], "4")])
 def test_layer_spec_is_the_shortest_spec_that_reads_back_as_the_layers(layers, spec):
     assert layer_spec(layers) == spec and parse_layers(spec, 12) == layers
+
 
 # ---- features ----
 
@@ -306,6 +307,20 @@ def test_cached_features_are_reused_and_only_for_the_same_checkpoint_and_data(tm
     folder = cache_dir(ckpt, str(tmp_path / "d"), str(tmp_path / "out"))
     fresh = extract_features(IGPT.from_checkpoint(ckpt), np.load(tmp_path / "d_teX.npy"), [1], device="cpu")
     np.testing.assert_array_equal(np.load(os.path.join(folder, "te_layer001.npy")), fresh[:, 0].numpy())
+
+
+def test_the_feature_pass_runs_on_device_and_every_fit_on_fit_device(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "m.pt", tiny_model())
+    write_data(tmp_path / "d")
+    passes, fits = [], []  # the devices asked for; the work itself runs on the CPU, the only device here
+    extract, fit = probe.extract_features, probe.probe_layer
+    monkeypatch.setattr(probe, "extract_features", lambda model, X, layers, device=None, **kw:
+                        passes.append(device) or extract(model, X, layers, device="cpu"))
+    monkeypatch.setattr(probe, "probe_layer", lambda train, val, test, Cs, device, *rest:
+                        fits.append(device) or fit(train, val, test, Cs, "cpu", *rest))
+    probe_layers(str(tmp_path / "m.pt"), str(tmp_path / "d"), Cs=[1.0], out=str(tmp_path / "out"), device="cuda:1",
+                 concat="1-2", fit_device="cpu")
+    assert passes == ["cuda:1"] * 3 and fits == ["cpu"] * 3  # a pass per split; a fit per layer, one joined
 
 
 # ---- the command line ----
