@@ -846,7 +846,9 @@ def run(argv):
             log(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s, "
                 f"{duration(per_step)} a step"
                 + (f", mfu {100 * record['mfu']:.1f}%, {record['max_memory_gb']:.1f} GB" if use_cuda else "")
-                + f", {duration(per_step * (cfg.max_steps - step))} to go", flush=True)
+                + (f", the time to go from the next line (this step {'compiled and ' * do_compile}warmed up)"
+                   if step == first_step < cfg.max_steps else f", {duration(per_step * (cfg.max_steps - step))} to go"),
+                flush=True)
             write_log(record)
             t0, steps_since = time.time(), 0
         if eval_now:
