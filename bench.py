@@ -248,7 +248,8 @@ def linear_gelu():
     unfused = torch.compile(lambda x, w: igpt.activation(F.linear(x, w)))
     ref = igpt.activation(F.linear(x.float(), w.float()))
     out = {}
-    candidates = {"linear_gelu": kernels.linear_gelu, "cublas_then_activation": unfused, "cublas_product_only": F.linear}
+    candidates = {"linear_gelu": kernels.linear_gelu, "cublas_then_activation": unfused,
+                  "cublas_product_only": F.linear}
     for name, fn in candidates.items():
         rel = relative_error(fn(x, w), ref) if name != "cublas_product_only" else None
         def fifty_calls():  # each output dropped as the next is made: one lives at a time, as in a forward
