@@ -379,6 +379,7 @@ def preset_config(cfg, n_px, n_vocab, n_classes):
     return IGPTConfig(n_px=n_px, n_vocab=n_vocab, n_classes=n_classes if cfg.clf else 0, bert=cfg.bert,
                       **mask_prob, **sizes)
 
+
 def compute_bytes(cfg):
     """Bytes of a number in the products on a GPU: 2 under bf16 autocast, else 4."""
     return 2 if cfg.dtype == "bfloat16" else 4
@@ -396,17 +397,20 @@ def check_memory(cfg, config, world, device):
 
 
 def dry_run(cfg, world, device, log):
-    """--dry_run: the memory per GPU that the run's model needs (the --resume checkpoint's, or --ckpt's, else the
-    preset and overrides at --n_px, else the data's, else 32), with this run's options and number of processes,
-    and whether it fits this GPU. Returns the estimate."""
+    """--dry_run: the memory per GPU that the run's model needs, with this run's options and number of processes,
+    and whether it fits this GPU. The model is the --resume checkpoint's, or --ckpt's, else the preset and
+    overrides for the data where they are there (--n_px or the images' size, else 32; the palette's colours, else
+    512; with --clf the labels' classes), all read without loading the images. Returns the estimate."""
     source = checkpoint_to_resume(cfg.out) if cfg.resume else cfg.ckpt
     if source:  # only its config is used
         config = IGPTConfig(**parallel.read_state(source)["config"])
     else:
-        n_px, data = cfg.n_px, f"{cfg.data}_trX.npy"
+        n_px, images, labels = cfg.n_px, f"{cfg.data}_trX.npy", f"{cfg.data}_trY.npy"
         if not n_px:
-            n_px = math.isqrt(load_npy(data, mmap_mode="r").shape[1]) if os.path.isfile(data) else 32
-        config = preset_config(cfg, n_px, 512, 0)
+            n_px = math.isqrt(load_npy(images, mmap_mode="r").shape[1]) if os.path.isfile(images) else 32
+        palette = load_palette(cfg.palette) if cfg.palette else tokens_palette(cfg.data)[1]
+        n_classes = int(load_npy(labels).max()) + 1 if cfg.clf and os.path.isfile(labels) else 0
+        config = preset_config(cfg, n_px, len(palette) if palette is not None else 512, n_classes)
     setup = (cfg.micro_batch_size, world, cfg.fsdp, cfg.activation_checkpointing)
     estimate = parallel.memory_estimate(config, *setup, compute_bytes(cfg))
     log(parallel.describe(config, estimate, *setup))

@@ -218,6 +218,13 @@ def test_dry_run_prints_the_memory_a_gpu_needs_without_data_and_stops(tmp_path, 
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_dry_run_estimates_a_fresh_model_for_the_datas_images_palette_and_classes(tmp_path):
+    prefix = write_tokens(tmp_path, n_px=4, n_vocab=16)  # labels 0..2
+    expected = parallel.memory_estimate(IGPTConfig(n_px=4, n_vocab=16, n_classes=3, n_embd=32, n_head=4, n_layer=2),
+                                        8, world=1, fsdp=False, activation_checkpointing=False, compute_bytes=2)
+    assert run("--dry_run", "--data", prefix, *TINY, "--clf", "--micro_batch_size", 8) == expected
+
+
 def test_dry_run_estimates_the_model_of_the_checkpoint_it_would_start_from_or_resume(tmp_path, capsys):
     prefix = write_tokens(tmp_path)
     run("--data", prefix, "--out", tmp_path / "o", *TINY, "--batch_size", 8, "--max_steps", 1)
