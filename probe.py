@@ -1,7 +1,8 @@
 """
 Linear probes: the paper's headline evaluation. For each layer l of a trained iGPT, the residual stream after
-block l, normalised by the mean-free norm without its gain and averaged over positions, is the feature of an image;
-a multinomial logistic regression on these features measures how linearly separable the classes are at depth l.
+block l, normalised by the model's norm (no mean subtraction) without its gain and averaged over positions, is the
+feature of an image; a multinomial logistic regression on these features measures how linearly separable the
+classes are at depth l.
 
     python probe.py --ckpt igpt_s.pt --data data/cifar10                     # every layer (the default*)
     python probe.py --ckpt igpt_s.pt --data data/cifar10 --layers 8,12,16    # or 10-20, or --layer 16
@@ -11,11 +12,12 @@ a multinomial logistic regression on these features measures how linearly separa
 
 The data are quantize.py's token files {data}_{tr,va,te}{X,Y}.npy (or the original release's, through
 load_tokens): va is the seeded 10% of the training set held out for choosing the regularisation.
-*Every layer by default: one pass costs the forward up to the deepest layer asked for anyway, the fits are
-seconds, and the curve over depth shows where the best features lie (in the middle of the network, per the paper).
+*Every layer by default: one pass costs the forward up to the deepest layer asked for anyway, the fits cost
+little beside it, and the curve over depth shows where the best features lie (in the middle of the network, per
+the paper).
 
 1. Features: every requested layer comes out of one forward pass (model.features), in batches on the GPU in
-   bf16 (fp32 on the CPU). They are cached, one file per split and layer, in
+   bf16 (fp32 on the CPU). They are cached, one file per split and layer (and mask, for a BERT model), in
    {out}/features/{key}/, where key hashes the checkpoint's path, size and modification time and the data
    files', so a sweep over more layers or other C values never reruns the model for features it has (float32:
    123 MB a layer for the 60,000 images of CIFAR-10 through iGPT-S, 2.9 GB for all 24 layers).
@@ -202,22 +204,25 @@ def cached_feature_paths(model, X, split, layers, folder, masks=1, **kwargs):
 # ---- logistic regression ----
 
 class NotConverged(UserWarning):
-    """fit_logistic stopped at max_iter with its largest gradient entry, .grad, still above tol."""
+    """fit_logistic stopped with its largest gradient entry, .grad, still above tol: at its limit (.at_limit: of
+    max_iter iterations, or of torch's 1.25 x max_iter loss evaluations), or where the loss stopped changing."""
 
-    def __init__(self, grad, max_iter, tol, C):
-        super().__init__(f"L-BFGS stopped at max_iter={max_iter} with gradient {grad:.1e} > tol={tol:.0e} (C={C})")
-        self.grad = grad
+    def __init__(self, grad, tol, C, iterations, at_limit):
+        why = "at its limit of iterations or evaluations" if at_limit else "the loss no longer changing"
+        super().__init__(f"L-BFGS stopped after {iterations} iterations, {why}, with gradient {grad:.1e} > "
+                         f"tol={tol:.0e} (C={C})")
+        self.grad, self.at_limit = grad, at_limit
 
 
 def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None, n_classes=None):
     """Multinomial logistic regression with an L2 penalty, as scikit-learn's LogisticRegression(C=C) with K > 2
     classes: minimise sum_i -log p(y_i | x_i) + ||W||^2 / (2C), bias unpenalised, where p = softmax(x W + b).
 
-    Full-batch L-BFGS (strong Wolfe line search) on the objective divided by N, as scikit-learn's lbfgs does,
-    until its largest gradient entry is at most tol. X: float [N, D]; y: class indices [N] in 0..K-1; n_classes:
-    K (default: max(y) + 1; give it when a class may be missing from y); init: a (W, b) of K classes to start
-    from. Returns W float32 [D, K] and b [K] on device, b centred (softmax ignores a shared shift). For two
-    classes this is the two-vector softmax model, not scikit-learn's single-vector one."""
+    Full-batch L-BFGS (strong Wolfe line search) on the objective divided by N, as scikit-learn's lbfgs does, until
+    its largest gradient entry is at most tol (else it warns NotConverged). X: float [N, D]; y: class indices [N] in
+    0..K-1; n_classes: K (default: max(y) + 1; give it when a class may be missing from y); init: a (W, b) of K
+    classes to start from. Returns W float32 [D, K] and b [K] on device, b centred (softmax ignores a shared shift).
+    For two classes this is the two-vector softmax model, not scikit-learn's single-vector one."""
     device = device or default_device()
     X = torch.as_tensor(X, dtype=torch.float32, device=device)
     y = torch.as_tensor(y, dtype=torch.long, device=device)
@@ -237,9 +242,10 @@ def fit_logistic(X, y, C, max_iter=1000, tol=1e-4, device=None, init=None, n_cla
         return loss
 
     opt.step(closure)
-    grad = max(W.grad.abs().max().item(), b.grad.abs().max().item())
-    if grad > tol and opt.state[W]["n_iter"] >= max_iter:
-        warnings.warn(NotConverged(grad, max_iter, tol, C))
+    grad, state = max(W.grad.abs().max().item(), b.grad.abs().max().item()), opt.state[W]
+    if grad > tol:
+        at_limit = state["n_iter"] >= max_iter or state["func_evals"] >= opt.defaults["max_eval"]
+        warnings.warn(NotConverged(grad, tol, C, state["n_iter"], at_limit))
     return W.detach(), (b - b.mean()).detach()
 
 
@@ -371,14 +377,15 @@ def probe_layers(ckpt, data, layers="all", Cs=DEFAULT_CS, out="out/probe", batch
                                                                        -1), labels[s]) for s in SPLITS],
                                                      Cs, fit_device, max_iter, tol)}
             show(layer_spec(joined), joint)
-    stopped = [w.message.grad for w in caught if issubclass(w.category, NotConverged)]
+    stopped = [w.message for w in caught if issubclass(w.category, NotConverged)]
     for w in caught:
         if not issubclass(w.category, NotConverged):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if stopped:
         fits = (len(layers) + bool(baseline) + bool(joined)) * (len(Cs) + 1)  # each probe: every C, then the refit
-        log(f"note: {len(stopped)} of {fits} fits stopped at --max_iter {max_iter} with the gradient above --tol "
-            f"{tol:.0e} (at most {max(stopped):.1e}); a larger --max_iter fits them more tightly")
+        log(f"note: {len(stopped)} of {fits} fits stopped with the gradient above --tol {tol:.0e} (at most "
+            f"{max(w.grad for w in stopped):.1e}), {sum(w.at_limit for w in stopped)} of them at the limit of "
+            f"--max_iter {max_iter}, which a larger one lifts, the rest where the loss no longer changed")
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"best layer by val acc: {best['layer']}, test acc {100 * best['test_acc']:.2f}%"
           + (f" (the raw pixels: {100 * pixels['test_acc']:.2f}%)" if pixels else "")
@@ -450,7 +457,8 @@ def main(argv=None):
                    "a GPU shared with a training to it once the features are out")
     p.add_argument("--bert_masks", type=int, default=1, help="BERT models: the fixed masks each va and te image is "
                    "read under, the mode of their predictions counting (the paper's ensemble: 5)")
-    p.add_argument("--max_iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--max_iter", type=int, default=1000, help="L-BFGS iterations per fit (and 1.25 times as many "
+                   "loss evaluations, torch's limit)")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when the largest gradient entry of "
                    "the mean objective is at most this")
     p.add_argument("--force", action="store_true", help="overwrite probe.json and probe.png of an earlier run")
