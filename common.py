@@ -127,7 +127,7 @@ def add_generation_options(parser):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="weights and cache on a GPU (the CPU runs float32)")
     parser.add_argument("--fast", default="auto", choices=SWITCH, help="the fused decode step of engine.py (auto: on "
-                        "a GPU; off: the plain igpt.generate)")
+                        "a GPU, for widths and palettes in multiples of 16; off: the plain igpt.generate)")
 
 
 def generation_dtype(name, device):

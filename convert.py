@@ -116,7 +116,7 @@ def tf_to_igpt(ckpt, verbose=True) -> IGPT:
 # ---- Hugging Face ImageGPT (transformers' ImageGPTForCausalImageModeling) ----
 # Differences from ours: wte has an extra last row, the SOS token, which is our `sos` (HF feeds it as input id
 # vocab_size-1 at position 0); lm_head is our wtet; the layers are GPT-2 Conv1D (weight [in, out], with biases
-# that the original model does not have); the norm is the same mean-free one.
+# that the original model does not have); the norm is the same one, without mean subtraction.
 
 def _require(module):
     try:

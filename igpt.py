@@ -250,7 +250,7 @@ class IGPT(nn.Module):
     @torch.no_grad()
     def features(self, tokens, layers, mask=None):
         """Linear-probe features: the residual stream after each block in `layers` (1 = after the first block),
-        normalised by the mean-free norm without its gain and averaged over positions. Returns
+        normalised by the model's norm (no mean subtraction) without its gain and averaged over positions. Returns
         float32 [B, len(layers), n_embd], all from one forward pass that stops at the deepest layer asked for.
         mask as in forward: a BERT model's inputs are masked here too, as in training."""
         if not layers or min(layers) < 1 or max(layers) > self.config.n_layer:

@@ -123,7 +123,7 @@ def fit_palette(images_or_pixels, k=512, iters=100, seed=0, device=None, progres
     del codes
     if len(colours) < k:
         log(f"note: the images hold only {len(colours)} distinct colours, so {k - len(colours)} of the {k} palette "
-            f"colours stay unused; --k {len(colours)} would lose nothing")
+            f"colours stay unused; k={len(colours)} (quantize.py --k {len(colours)}) would lose nothing")
     rgb = _rgb(colours)
     x, weighted = _unit(rgb), rgb * counts[:, None]  # sums of integer RGB are exact, so any summation order agrees
     for it in range(iters):

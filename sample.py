@@ -8,9 +8,9 @@ Sample images from an iGPT checkpoint into a PNG grid (and the raw tokens as .np
 
 Unconditional samples go to OUT/samples.png (a grid, in rows) and OUT/samples.npy (the tokens); completions to
 OUT/completions.png, a row per primed image: the kept top rows in grey below, the completions, then the original.
-Generation goes through engine.Engine: on a GPU the fused decode step, compiled and replayed as a CUDA graph;
-elsewhere, or with --fast off, the plain KV-cached igpt.generate. The same --seed gives the same images on the
-same device.
+Generation goes through engine.Engine: on a GPU the fused decode step, compiled and replayed as a CUDA graph, for
+a model whose width and palette are multiples of 16 (engine.fused_step_runs); otherwise, or with --fast off, the
+plain KV-cached igpt.generate. The same --seed gives the same images on the same device.
 """
 import math
 import os

@@ -15,11 +15,11 @@ GPUs and nodes through torchrun; evaluate; resume; fine-tune with a classifier.
 Every option, its default and its meaning: python train.py --help. A config file (run.py above, any name) holds
 `name = value` lines with option names and Python literals, e.g. `batch_size = 128`, read without running any code.
 
-Checkpoints ({out}/ckpt.pt, written atomically) come every --ckpt_minutes and every --ckpt_interval steps, at each
-evaluation and at the end. Ctrl-C or SIGTERM finishes the step, writes one, says how to resume and exits with
-status 128 + the signal's number; under torchrun every rank stops at the same step (allow torchrun's
---shutdown_timeout for the write). Nothing non-finite is ever saved: a run whose loss or weights stop being finite
-ends, naming the last good checkpoint.
+Checkpoints ({out}/ckpt.pt, or the folder ckpt.dcp of an --fsdp run, written atomically) come every --ckpt_minutes
+and every --ckpt_interval steps, at each evaluation and at the end. Ctrl-C or SIGTERM finishes the step, writes one,
+says how to resume and exits with status 128 + the signal's number; under torchrun every rank stops at the same step
+(allow torchrun's --shutdown_timeout for the write). Nothing non-finite is ever saved: a run whose loss or weights
+stop being finite ends, naming the last good checkpoint.
 """
 import argparse
 import ast
@@ -90,7 +90,8 @@ class TrainConfig:
     log_interval: int = 10          # steps between log lines (the first step is logged too)
     ckpt_interval: int = 0          # steps between checkpoints; 0: only by the clock, evaluations and the end
     ckpt_minutes: float = 5.0       # write a checkpoint when this many minutes passed since the last; 0: never
-    resume: bool = False            # continue from {out}/ckpt.pt, under the options it was started with
+    resume: bool = False            # continue {out}'s run (ckpt.pt; --fsdp: ckpt.dcp) with its options and any
+                                    # given anew, but those of its model, objective, data and batches (refused)
     force: bool = False             # start over even though {out} holds a checkpoint or a log
     # system
     device: str = "auto"            # auto, cpu, cuda, cuda:N
@@ -805,7 +806,7 @@ def run(argv):
         shifts = (np.random.default_rng([cfg.seed, step, 3]).integers(-cfg.crop, cfg.crop + 1, (cfg.batch_size, 2))
                   if cfg.crop else None)
         masks = training_masks(raw_model.config, cfg.seed, step, cfg.batch_size)
-        loss_acc = torch.zeros((), device=device)
+        step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             part = slice((micro * world + rank) * cfg.micro_batch_size,
                          (micro * world + rank + 1) * cfg.micro_batch_size)
@@ -820,14 +821,14 @@ def run(argv):
                 else:
                     loss = model(x, mask=mask)[1]
                 (loss / accum).backward()
-            loss_acc += loss.detach() / accum
+            step_loss += loss.detach() / accum
         if world > 1:
-            dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         # Remember the first step whose loss was not finite, on the device: reading the loss on the host every step
         # would make the CPU wait for the GPU instead of queueing the next step. It is read before each log line
         # and each checkpoint, so weights touched by a bad step are never saved.
-        newly_bad = (first_bad == 0) & ~torch.isfinite(loss_acc)
-        first_bad, bad_loss = torch.where(newly_bad, step + 1, first_bad), torch.where(newly_bad, loss_acc, bad_loss)
+        newly_bad = (first_bad == 0) & ~torch.isfinite(step_loss)
+        first_bad, bad_loss = torch.where(newly_bad, step + 1, first_bad), torch.where(newly_bad, step_loss, bad_loss)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -842,7 +843,7 @@ def run(argv):
         if (log_now or save_now) and first_bad.item():
             diverged(f"step {first_bad.item()}: the loss is {bad_loss.item()}")
         if log_now:
-            loss_value, dt = loss_acc.item(), time.time() - t0
+            loss_value, dt = step_loss.item(), time.time() - t0
             ips, per_step = steps_since * cfg.batch_size / dt, dt / steps_since
             record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips, "s_per_step": per_step,
                       "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time(),

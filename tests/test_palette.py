@@ -132,4 +132,5 @@ def test_an_archive_of_arrays_is_refused_as_a_palette_naming_the_file(tmp_path):
 def test_more_colours_asked_for_than_the_images_hold_is_said(capsys):
     pixels = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]] * 10, np.uint8)
     fit_palette(pixels, k=8, iters=5, device="cpu", progress=False)
-    assert "only 3 distinct colours, so 5 of the 8 palette colours stay unused; --k 3" in capsys.readouterr().err
+    note = "only 3 distinct colours, so 5 of the 8 palette colours stay unused; k=3 (quantize.py --k 3) would lose"
+    assert note in capsys.readouterr().err
