@@ -275,10 +275,11 @@ def release_name(model, bert=False):
 def download_release(model, step, folder, palette=False, dataset=None, base_url=BASE_URL, bert=False):
     """Fetch the released checkpoint of size model ("s", "m", "l") at training step into folder (the BERT model's
     with bert), with the palette (kmeans_centers.npy) and a dataset's six .npy files if asked; the .meta graph is not
-    needed and not fetched. Returns the checkpoint prefix. The BERT model's files are named as the autoregressive
-    one's, so they go to a folder of their own, folder/igpt-SIZE-bert/, where neither is taken for the other."""
+    needed and not fetched. Returns the checkpoint prefix. Every release names its files alike (model.ckpt-STEP.*),
+    so each goes to a folder of its own, folder/igpt-SIZE/ or folder/igpt-SIZE-bert/, where a file already there
+    (which data.fetch skips or resumes) is never another model's."""
     name = f"model.ckpt-{step}"
-    prefix = os.path.join(folder, release_name(model, bert) if bert else "", name)
+    prefix = os.path.join(folder, release_name(model, bert), name)
     url = f"{base_url}/checkpoints/{release_name(model, bert)}/{step}/{name}"
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     fetch(url + ".index", prefix + ".index")

@@ -367,19 +367,19 @@ def test_download_resumes_skips_complete_files_then_converts(tmp_path, server, c
     for split in convert.DATASET_FILES:
         handler.files[f"/datasets/cifar10_{split}.npy"] = npy_bytes(np.arange(6) + len(split))
     folder = tmp_path / "release"
-    folder.mkdir()
+    (folder / "igpt-s").mkdir(parents=True)
     shard = "model.ckpt-1000000.data-00001-of-00003"
     full = handler.files[f"/checkpoints/igpt-s/1000000/{shard}"]
-    (folder / (shard + ".part")).write_bytes(full[:1000])  # left by an interrupted run
+    (folder / "igpt-s" / (shard + ".part")).write_bytes(full[:1000])  # left by an interrupted run
     (folder / "cifar10_teY.npy").write_bytes(handler.files["/datasets/cifar10_teY.npy"])  # already complete
 
     main(["--download", "s", "--dir", str(folder), "--palette", "--dataset", "cifar10", "--base_url", url])
     assert (f"/checkpoints/igpt-s/1000000/{shard}", "bytes=1000-") in handler.requests
     assert "/datasets/cifar10_teY.npy" not in [path for path, _ in handler.requests]
     assert "MB/s" in capsys.readouterr().err
-    for path, data in handler.files.items():
-        assert (folder / path.rsplit("/", 1)[1]).read_bytes() == data
-    assert not list(folder.glob("*.part"))
+    for path, data in handler.files.items():  # the checkpoint's files in a folder of its own, the rest beside it
+        assert (folder / ("igpt-s" if "/checkpoints/" in path else "") / path.rsplit("/", 1)[1]).read_bytes() == data
+    assert not list(folder.glob("**/*.part"))
     model = IGPT.from_checkpoint(folder / "igpt-s-1000000.pt")
     torch.testing.assert_close(model.palette, torch.from_numpy(palette))
     with torch.no_grad():
@@ -390,7 +390,19 @@ def test_download_failure_names_the_url(tmp_path, server):
     url, _ = server
     with pytest.raises(SystemExit, match=f"{url}/checkpoints/igpt-m/131000/model.ckpt-131000.index: HTTP 404"):
         main(["--download", "m", "--step", "131000", "--dir", str(tmp_path), "--base_url", url])
-    assert not list(tmp_path.iterdir())
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_each_size_downloads_into_a_folder_of_its_own_so_none_is_taken_for_another(tmp_path, server):
+    url, handler = server
+    for size in ("s", "m"):  # the same tiny files behind both names: what counts is that each is fetched
+        for f in PREFIX.parent.iterdir():
+            handler.files[f"/checkpoints/igpt-{size}/1000000/{f.name}"] = f.read_bytes()
+    for size in ("s", "m"):
+        main(["--download", size, "--dir", str(tmp_path), "--base_url", url])
+    assert {path for path, _ in handler.requests} == set(handler.files)  # m's files too, none skipped as s's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["igpt-m", "igpt-m-1000000.pt", "igpt-s",
+                                                          "igpt-s-1000000.pt"]
 
 
 def test_download_bert_fetches_the_bert_release_into_a_folder_of_its_own(tmp_path, server):
