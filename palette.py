@@ -187,7 +187,7 @@ def encode(images, palette, device=None):
     labels, _ = _nearest(_unit(_rgb(colours)), torch.as_tensor(palette, device=device))
     table = torch.zeros(1 << 24, dtype=torch.int32, device=device)
     table[colours] = labels.int()
-    return table[codes].cpu().numpy().astype(np.uint16).reshape(len(images), -1)
+    return table[codes].cpu().numpy().astype(np.uint16).reshape(len(images), images.shape[1] * images.shape[2])
 
 
 def decode(tokens, palette):

@@ -46,6 +46,12 @@ def test_images_of_palette_colours_encode_to_their_indices_and_decode_back_exact
     np.testing.assert_array_equal(decode(tokens, unit(colours)), images)
 
 
+def test_encode_of_no_images_is_no_token_rows_of_the_images_length():
+    # an empty split, as quantize.py --val_frac 0 makes: zero rows of H*W tokens, not an error
+    tokens = encode(np.zeros((0, 8, 6, 3), np.uint8), np.zeros((4, 3), np.float32), device="cpu")
+    assert tokens.shape == (0, 48) and tokens.dtype == np.uint16
+
+
 def test_encode_picks_the_nearest_centre_like_a_float64_brute_force():
     rng = np.random.default_rng(1)
     palette = rng.uniform(-1, 1, (37, 3)).astype(np.float32)
