@@ -256,6 +256,9 @@ def igpt_to_hf(model, folder, force=False, palette=None):
                                            metadata={"format": "pt"}))
     write_json(os.path.join(folder, "config.json"), config.to_dict())
     if palette is None:
+        stale = os.path.join(folder, "preprocessor_config.json")
+        if os.path.exists(stale):  # an earlier export's palette, which is not this model's
+            os.remove(stale)
         log(f"note: the model has no palette, so {folder} has no preprocessor_config.json: pass --palette NPY")
         return
     processor = {  # as ImageGPTImageProcessor.save_pretrained writes it

@@ -214,6 +214,17 @@ def test_hf_export_keeps_the_palette_where_the_image_processor_reads_it(tmp_path
     torch.testing.assert_close(IGPT.from_checkpoint(tmp_path / "back.pt").palette, torch.from_numpy(palette))
 
 
+def test_hf_export_over_an_earlier_one_leaves_no_palette_the_model_does_not_have(tmp_path):
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    save_checkpoint(tmp_path / "with.pt", tiny_model(), palette=palette)
+    save_checkpoint(tmp_path / "without.pt", tiny_model(seed=1))
+    main(["--to_hf", "--ckpt", str(tmp_path / "with.pt"), "--out", str(tmp_path / "hf")])
+    main(["--to_hf", "--ckpt", str(tmp_path / "without.pt"), "--out", str(tmp_path / "hf"), "--force"])
+    assert not (tmp_path / "hf" / "preprocessor_config.json").exists()
+    main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")])
+    assert IGPT.from_checkpoint(tmp_path / "back.pt").palette is None
+
+
 def test_hf_export_refuses_a_palette_of_another_size_than_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="the palette has 8 colours but the model has n_vocab=16"):
         igpt_to_hf(tiny_model(), tmp_path / "hf", palette=np.zeros((8, 3), np.float32))
