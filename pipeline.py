@@ -143,6 +143,10 @@ def main(argv=None):
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    upstream = [s for s in stages if s in UPSTREAM]  # what the other stages read: first, and in order
+    if len(set(stages)) < len(stages) or stages[:len(upstream)] != sorted(upstream, key=STAGES.index):
+        p.error(f"--stages {','.join(stages)}: give each stage once, {' and '.join(UPSTREAM)} first, in that order "
+                "(the other stages read what they write)")
     missing = [s for s in stages if s in OPTIONAL and s not in RECIPES[args.recipe]]
     if missing:
         p.error(f"the {args.recipe} recipe has no {missing[0]} stage; its stages: "

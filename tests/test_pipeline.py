@@ -144,6 +144,20 @@ def test_unknown_stages_are_refused(capsys):
     assert "unknown stage(s) ['trian']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stages", ["quantize,train,quantize", "probe,train", "train,quantize", "sample,sample"])
+def test_stages_repeated_or_reading_what_a_later_one_makes_are_refused_before_any_work(stages, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--stages", stages, "--out", str(tmp_path / "run")])
+    assert "give each stage once, quantize and train first, in that order" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_stages_after_training_may_come_in_any_order(tiny, tmp_path):
+    tiny("--out", tmp_path / "run", "--stages", "quantize,train")
+    assert list(tiny("--out", tmp_path / "run", "--stages", "complete,evaluate")) == ["recipe", "quantize", "train",
+                                                                                      "complete", "evaluate"]
+
+
 def test_the_shapes_recipe_completes_a_test_image_of_every_class():
     argv = pipeline.stage_args("shapes", "complete", "out/s", "", False, "cpu")
     num_prime = int(argv[argv.index("--num_prime") + 1])
