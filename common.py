@@ -4,10 +4,10 @@ which are its results as it goes, on stdout), choosing the device and the CPU th
 files that verify themselves (checksums inside torch.save's zip), .npy files read without pickles (load_npy),
 image grids as PNG, and the command-line conventions.
 
-Every script spells its options with underscores and lists each with its default in --help; --device is auto
-(the GPU when there is one), cpu, cuda or cuda:N, and --compile (and sample.py's --fast) auto, on or off, auto
-meaning on a GPU; --ckpt names a checkpoint a script reads; --out is where it writes (a folder for train, sample,
-probe and pipeline; the token files' prefix for quantize; the converted file for convert).
+Every script spells its options with underscores and lists each with its default in --help; --device is auto (the
+GPU when there is one), cpu, cuda or cuda:N, and --compile (and the generating scripts' --fast) auto, on or off,
+auto meaning on a GPU; --ckpt names a checkpoint a script reads; --out is where it writes (a folder for train,
+sample, probe and pipeline; the token files' prefix for quantize; the converted file for convert).
 
 A mistake with a flag or a file ends in one line on stderr and a non-zero exit, never a traceback: argparse's
 errors (status 2) print no usage block, and each script's main, wrapped by @script, turns the library's errors

@@ -86,7 +86,7 @@ def _compiled_sample_step():
 
 
 def _cuda_graph(step, pos):
-    """step() captured as a CUDA graph, so a replay launches all its kernels for a few microseconds of host time.
+    """step() captured as a CUDA graph, so one replay launches all its kernels at the host cost of one launch.
     Capture needs one real call first (lazy initialisation, compilation): it does what the first replay will do
     again, so only pos is set back."""
     start = pos.clone()

@@ -38,10 +38,10 @@ from data import CIFAR
 
 # Flags for each stage. {source} is --source; the paths between stages are filled in by stage_args.
 RECIPES = {
-    # 16x16 shapes drawn on the fly (data.make_shapes): no download, a few minutes on two CPU cores. A palette of
-    # the four colours it draws codes them exactly; the ten test images completed are one of each class (the
-    # labels cycle); the C grid reaches both the raw pixels' best (small C) and the features' (large).
-    # docs/2026-12-01-main-job.md has the runs behind these choices.
+    # 16x16 shapes drawn on the fly (data.make_shapes): no download, sized for a few minutes on two CPU cores (the
+    # README has the time measured). A palette of the four colours it draws codes them exactly; the ten test images
+    # completed are one of each class (the labels cycle); the C grid reaches both the raw pixels' best (small C) and
+    # the features' (large). docs/2026-12-01-main-job.md has the runs behind these choices.
     "shapes": {
         "quantize": ["shapes", "--test", "shapes", "--num_images", "5000", "--n_px", "16", "--k", "4"],
         "train": ["--n_layer", "4", "--n_embd", "64", "--n_head", "4", "--batch_size", "32",
@@ -51,12 +51,13 @@ RECIPES = {
         "complete": ["--num_prime", "10", "--num_samples", "4", "--temperature", "0.9", "--scale", "6"],
         "probe": ["--Cs", "0.01,0.1,1,10,100", "--max_iter", "2000", "--baseline"],
     },
-    # CIFAR-10 from scratch on one H100 or H200 in about 10 minutes of training: a 12-layer, 512-wide iGPT (half of
-    # iGPT-S's depth, 39M parameters) for 5,700 steps of 128 images (16 epochs of the 45,000-image train split),
-    # with the paper's flips and random crops (shifts of up to 2 pixels); the completions show a test image of each
-    # class; the probe's C grid reaches past the C the features choose, and the paper's joined layers beside the
-    # table. Then a fine-tuning of that model with a classifier beside the generative loss (the paper's joint
-    # objective, gen_weight 1), scored once on the test split at its end.
+    # CIFAR-10 from scratch, sized for 10 minutes of training on one H100 or H200 (the README has the time
+    # measured): a 12-layer, 512-wide iGPT (half of iGPT-S's depth, 39M parameters) for 5,700 steps of 128 images
+    # (16 epochs of the 45,000-image train split), with the paper's flips and random crops (shifts of up to 2
+    # pixels); the completions show a test image of each class; the probe's C grid reaches past the C the features
+    # choose, and the paper's joined layers beside the table. Then a fine-tuning of that model with a classifier
+    # beside the generative loss (the paper's joint objective, gen_weight 1), scored once on the test split at its
+    # end.
     "cifar10": {
         "quantize": ["{source}:train", "--test", "{source}:test", "--download", "data"],
         "train": ["--n_layer", "12", "--n_embd", "512", "--n_head", "8", "--batch_size", "128",
