@@ -848,12 +848,15 @@ def run(argv):
             record = {"step": step, "loss": loss_value, "lr": lr, "images_per_s": ips, "s_per_step": per_step,
                       "mfu": raw_model.estimate_mfu(ips / world) if use_cuda else None, "time": time.time(),
                       "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if use_cuda else None}
+            if step == first_step < cfg.max_steps:  # its time holds the warm-up, which predicts nothing
+                warmed = "compiled and warmed up" if do_compile else "warmed up"
+                to_go = f"the time to go from the next line (this step {warmed})"
+            else:
+                to_go = f"{duration(per_step * (cfg.max_steps - step))} to go"
             log(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {ips:.0f} images/s, "
                 f"{duration(per_step)} a step"
                 + (f", mfu {100 * record['mfu']:.1f}%, {record['max_memory_gb']:.1f} GB" if use_cuda else "")
-                + (f", the time to go from the next line (this step {'compiled and ' * do_compile}warmed up)"
-                   if step == first_step < cfg.max_steps else f", {duration(per_step * (cfg.max_steps - step))} to go"),
-                flush=True)
+                + f", {to_go}", flush=True)
             write_log(record)
             t0, steps_since = time.time(), 0
         if eval_now:
